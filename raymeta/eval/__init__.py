@@ -1,0 +1,1 @@
+"""Evaluation: option scoring (with prefix caching), metrics, and MetaICL's protocol."""

@@ -1,0 +1,277 @@
+"""MetaICL's evaluation protocol: zero-shot and k-shot ICL over seeds, mean and worst case.
+
+For each target task and seed, the demonstrations are `{task}_{k}_{seed}_train.jsonl` and the test
+examples `{task}_{k}_{seed}_test.jsonl`; every option is scored by the mean cross-entropy of its
+scored span and the option with the lowest loss is the prediction. A task's score is macro-F1
+(classification) or accuracy (multiple choice) per seed; we report the mean and the worst seed per
+task, and their averages over tasks, for all targets and for the `unseen_domain_test` subset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from raymeta.data.layout import DEFAULT_SEEDS, DataDir, Example, Setting
+from raymeta.errors import UserError
+from raymeta.eval.metrics import accuracy, macro_f1, task_metric
+from raymeta.eval.scoring import OptionScorer
+from raymeta.io import atomic_write_json
+from raymeta.prompts import VARIANTS, PromptBuilder, PromptFormat, Scored, default_max_length
+
+__all__ = ["MODES", "EvalConfig", "LossCache", "model_fingerprint", "evaluate_setting", "markdown_table"]
+
+MODES = ("zero-shot", "icl")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    k: int = 16
+    seeds: tuple[int, ...] = DEFAULT_SEEDS
+    variants: tuple[str, ...] = VARIANTS
+    modes: tuple[str, ...] = MODES
+    max_test_examples: int | None = None
+    subsample_seed: int = 0
+    max_length_per_example: int = 256
+    newlines: bool = True
+    prefix_cache: bool = True
+    max_batch_tokens: int = 16384
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise UserError(f"--k: expected a positive integer, got {self.k}")
+        if not self.seeds:
+            raise UserError("--seeds: expected at least one seed")
+        for v in self.variants:
+            if v not in VARIANTS:
+                raise UserError(f"--variants: unknown variant {v!r}; expected {', '.join(VARIANTS)}")
+        for m in self.modes:
+            if m not in MODES:
+                raise UserError(f"--modes: unknown mode {m!r}; expected {', '.join(MODES)}")
+        if self.max_test_examples is not None and self.max_test_examples < 1:
+            raise UserError(f"--max-test-examples: expected a positive integer, got {self.max_test_examples}")
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """A hash of the model's class, config and every parameter and buffer (so a changed weight is a miss)."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(type(model).__name__.encode())
+    config = getattr(model, "config", None)
+    if config is not None:
+        h.update(config.to_json_string(use_diff=False).encode())
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class LossCache:
+    """Per-option losses on disk, keyed by everything that changes them.
+
+    The key hashes the model fingerprint, the scorer's settings and the exact token ids of every
+    sequence (which covers task, seed, k, variant, truncation and tokenizer). Losses are stored as
+    JSON floats, which round-trip exactly, so a hit returns the very numbers a fresh run computed.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def key(model_id: str, settings: dict[str, Any], seqs: Sequence[Scored]) -> str:
+        h = hashlib.sha256()
+        h.update(json.dumps({"model": model_id, **settings}, sort_keys=True).encode())
+        for s in seqs:
+            h.update(json.dumps([s.prefix, s.context, s.target]).encode())
+        return h.hexdigest()
+
+    def _path(self, key: str) -> Path:
+        return self.folder / key[:2] / f"{key}.json"
+
+    def get(self, key: str, n: int) -> list[float] | None:
+        path = self._path(key)
+        if path.is_file():
+            try:
+                losses = json.loads(path.read_text())["losses"]
+            except (json.JSONDecodeError, KeyError):
+                losses = None
+            if isinstance(losses, list) and len(losses) == n:
+                self.hits += 1
+                return [float(x) for x in losses]
+        self.misses += 1
+        return None
+
+    def put(self, key: str, losses: Sequence[float]) -> None:
+        atomic_write_json(self._path(key), {"losses": list(losses)})
+
+
+def _subsample(examples: list[Example], cfg: EvalConfig, task: str) -> list[Example]:
+    """A seeded subset of the test examples, the same for every seed of a task (as MetaICL keeps one
+    test set), so that the spread over seeds comes from the demonstrations alone."""
+    if cfg.max_test_examples is None or len(examples) <= cfg.max_test_examples:
+        return examples
+    rng = random.Random(cfg.subsample_seed * 1_000_003 + zlib.crc32(task.encode()))
+    keep = sorted(rng.sample(range(len(examples)), cfg.max_test_examples))
+    return [examples[i] for i in keep]
+
+
+@dataclass
+class _TaskData:
+    task_type: str
+    demos: dict[int, list[Example]] = field(default_factory=dict)
+    tests: dict[int, list[Example]] = field(default_factory=dict)
+
+
+def _score_task_seed(
+    model: torch.nn.Module,
+    builder: PromptBuilder,
+    demos: list[Example] | None,
+    tests: list[Example],
+    cfg: EvalConfig,
+    model_id: str,
+    cache: LossCache | None,
+) -> list[str]:
+    """Predictions for the test examples of one (task, seed) under one prompt format."""
+    prefix = builder.demonstrations(demos) if demos else []
+    per_example = [builder.test_sequences(ex, prefix) for ex in tests]
+    flat = [s for seqs in per_example for s in seqs]
+    max_length = builder.fmt.max_length
+    settings = {
+        "max_length": max_length,
+        "allow_truncation": demos is not None,
+        "prefix_cache": cfg.prefix_cache,
+        "dtype": str(next(model.parameters()).dtype),
+    }
+    key = LossCache.key(model_id, settings, flat) if cache is not None else ""
+    losses = cache.get(key, len(flat)) if cache is not None else None
+    if losses is None:
+        scorer = OptionScorer(
+            model,
+            max_length=max_length,
+            allow_truncation=demos is not None,
+            prefix_cache=cfg.prefix_cache,
+            max_batch_tokens=cfg.max_batch_tokens,
+        )
+        losses = scorer.score(flat)
+        if cache is not None:
+            cache.put(key, losses)
+    predictions, at = [], 0
+    for ex, seqs in zip(tests, per_example):
+        option_losses = losses[at : at + len(seqs)]
+        at += len(seqs)
+        predictions.append(ex.options[min(range(len(seqs)), key=option_losses.__getitem__)])
+    return predictions
+
+
+def _summarise(per_task: dict[str, dict[str, Any]], tasks: Sequence[str]) -> dict[str, Any] | None:
+    if not tasks:
+        return None
+    means = [per_task[t]["mean"] for t in tasks]
+    worsts = [per_task[t]["worst"] for t in tasks]
+    return {"mean": sum(means) / len(means), "worst": sum(worsts) / len(worsts), "n_tasks": len(tasks)}
+
+
+def evaluate_setting(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    data: DataDir,
+    setting: Setting,
+    cfg: EvalConfig,
+    *,
+    model_id: str | None = None,
+    cache: LossCache | None = None,
+    progress: bool = True,
+    on_result: Callable[[str, str, int, float], None] | None = None,
+) -> dict[str, Any]:
+    """Evaluate a model on the target tasks of a setting; returns the results as a JSON-able dict."""
+    model.eval()
+    model_id = model_id or model_fingerprint(model)
+    tasks: dict[str, _TaskData] = {}
+    for task in setting.test:
+        meta = data.task_meta(task)
+        td = _TaskData(task_type=meta["task_type"])
+        for seed in cfg.seeds:
+            td.tests[seed] = _subsample(data.test_examples(task, cfg.k, seed), cfg, task)
+            if "icl" in cfg.modes:
+                td.demos[seed] = data.demonstrations(task, cfg.k, seed)
+        tasks[task] = td
+
+    runs: dict[str, Any] = {}
+    jobs = [(v, m, t, s) for v in cfg.variants for m in cfg.modes for t in setting.test for s in cfg.seeds]
+    bar = tqdm(total=len(jobs), desc=f"evaluating {setting.name}", unit="run", disable=not progress)
+    for variant in cfg.variants:
+        for mode in cfg.modes:
+            max_length = default_max_length(cfg.k if mode == "icl" else 0, cfg.max_length_per_example)
+            fmt = PromptFormat(variant, cfg.max_length_per_example, max_length, cfg.newlines)  # type: ignore[arg-type]
+            builder = PromptBuilder(tokenizer, fmt)
+            per_task: dict[str, dict[str, Any]] = {}
+            for task, td in tasks.items():
+                metric_name = task_metric(td.task_type)
+                metric = macro_f1 if metric_name == "macro_f1" else accuracy
+                seeds: dict[str, float] = {}
+                for seed in cfg.seeds:
+                    demos = td.demos[seed] if mode == "icl" else None
+                    tests = td.tests[seed]
+                    preds = _score_task_seed(model, builder, demos, tests, cfg, model_id, cache)
+                    seeds[str(seed)] = metric(preds, [ex.output for ex in tests])
+                    if on_result is not None:
+                        on_result(f"{variant}/{mode}", task, seed, seeds[str(seed)])
+                    bar.update(1)
+                scores = list(seeds.values())
+                per_task[task] = {
+                    "metric": metric_name,
+                    "n_test": len(td.tests[cfg.seeds[0]]),
+                    "seeds": seeds,
+                    "mean": sum(scores) / len(scores),
+                    "worst": min(scores),
+                }
+            runs[f"{variant}/{mode}"] = {
+                "per_task": per_task,
+                "all": _summarise(per_task, setting.test),
+                "unseen_domain": _summarise(per_task, setting.unseen_domain_test),
+            }
+    bar.close()
+    return {
+        "setting": setting.name,
+        "targets": list(setting.test),
+        "unseen_domain_test": list(setting.unseen_domain_test),
+        "model_fingerprint": model_id,
+        "config": {**asdict(cfg), "seeds": list(cfg.seeds), "variants": list(cfg.variants), "modes": list(cfg.modes)},
+        "runs": runs,
+    }
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f}"
+
+
+def markdown_table(results: dict[str, Any], title: str | None = None) -> str:
+    """Summary (mean / worst over seeds, all and unseen-domain targets), then per-task means."""
+    runs = results["runs"]
+    lines = [f"### {title or results['setting']}", ""]
+    lines += ["| prompt | all: mean | all: worst | unseen: mean | unseen: worst |", "|---|---:|---:|---:|---:|"]
+    for name, run in runs.items():
+        a, u = run["all"], run["unseen_domain"] or {}
+        lines.append(f"| {name} | {_pct(a['mean'])} | {_pct(a['worst'])} | {_pct(u.get('mean'))} | {_pct(u.get('worst'))} |")
+    lines += ["", "Per task (mean over seeds; worst in parentheses):", ""]
+    names = list(runs)
+    lines += ["| task | metric | " + " | ".join(names) + " |", "|---|---|" + "---:|" * len(names)]
+    unseen = set(results["unseen_domain_test"])
+    for task in results["targets"]:
+        first = runs[names[0]]["per_task"][task]
+        cells = [f"{_pct(runs[n]['per_task'][task]['mean'])} ({_pct(runs[n]['per_task'][task]['worst'])})" for n in names]
+        star = " *" if task in unseen else ""
+        lines.append(f"| {task}{star} | {first['metric']} | " + " | ".join(cells) + " |")
+    lines += ["", "\\* unseen-domain target. Scores in %: macro-F1 (classification) or accuracy (multiple choice)."]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,133 @@
+"""Scoring sequences by the mean cross-entropy of their target tokens, with prefix caching.
+
+The k demonstrations of a (task, seed) are the same for every test example and option, so their
+keys/values are computed once (`prefix_cache=True`) and reused for every continuation. The rule:
+
+- a sequence that fits in `max_length` is scored as `cache(prefix[:-1])` + `prefix[-1:] + context +
+  target` (the last prefix token is recomputed so that the first target token always has its logit);
+- a sequence that needs MetaICL's left truncation is scored in full, exactly as the naive way does,
+  because its truncated prefix differs from the shared one.
+
+So cached and naive scoring see the same tokens at the same positions in every case; they differ only
+by floating-point summation order (about 1e-5 in the loss in float32).
+
+Logits are computed only at the scored positions (`lm_head` on gathered hidden states): models whose
+head does more than a linear map (logit soft-capping, scaling) are not supported by this shortcut.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import defaultdict
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from raymeta.prompts import Scored
+
+__all__ = ["OptionScorer"]
+
+
+class OptionScorer:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        max_length: int,
+        allow_truncation: bool = True,
+        prefix_cache: bool = True,
+        max_batch_tokens: int = 16384,
+    ) -> None:
+        self.model = model
+        self.max_length = max_length
+        self.allow_truncation = allow_truncation
+        self.prefix_cache = prefix_cache
+        self.max_batch_tokens = max_batch_tokens
+        self.device = next(model.parameters()).device
+        self._base = model.base_model  # type: ignore[attr-defined]
+        self._head = model.get_output_embeddings()  # type: ignore[operator]
+
+    @torch.no_grad()
+    def score(self, seqs: Sequence[Scored]) -> list[float]:
+        """Mean cross-entropy over each sequence's target tokens, in input order."""
+        losses: list[float] = [float("nan")] * len(seqs)
+        by_prefix: dict[tuple[int, ...], list[int]] = defaultdict(list)
+        full: list[int] = []
+        for i, s in enumerate(seqs):
+            if not s.target:
+                raise ValueError("a sequence to score needs at least one target token")
+            if self.prefix_cache and len(s.prefix) >= 2 and not s.needs_truncation(self.max_length):
+                by_prefix[s.prefix].append(i)
+            else:
+                full.append(i)
+        if full:
+            self._score_full(seqs, full, losses)
+        for prefix, idx in by_prefix.items():
+            self._score_cached(prefix, [seqs[i] for i in idx], idx, losses)
+        return losses
+
+    def _losses(self, hidden: torch.Tensor, ids: torch.Tensor, spans: list[tuple[int, int]]) -> list[float]:
+        """Mean CE of ids[b, start:end] predicted from hidden[b, start-1:end-1], for each row b."""
+        rows = torch.cat([torch.full((e - s,), b, dtype=torch.long) for b, (s, e) in enumerate(spans)]).to(ids.device)
+        cols = torch.cat([torch.arange(s, e) for s, e in spans]).to(ids.device)
+        logits = self._head(hidden[rows, cols - 1]).float()
+        token_loss = F.cross_entropy(logits, ids[rows, cols], reduction="none")
+        out, at = [], 0
+        for s, e in spans:
+            out.append(float(token_loss[at : at + e - s].mean()))
+            at += e - s
+        return out
+
+    def _batches(self, lengths: list[int], extra: int = 0) -> list[list[int]]:
+        """Indices sorted by length (longest first) cut into batches of about max_batch_tokens."""
+        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+        batches, cur, width = [], [], 0
+        for i in order:
+            w = max(width, lengths[i])
+            if cur and (len(cur) + 1) * (w + extra) > self.max_batch_tokens:
+                batches.append(cur)
+                cur, w = [], lengths[i]
+            cur.append(i)
+            width = w
+        if cur:
+            batches.append(cur)
+        return batches
+
+    def _score_full(self, seqs: Sequence[Scored], idx: list[int], losses: list[float]) -> None:
+        built = [seqs[i].full(self.max_length, self.allow_truncation) for i in idx]
+        for batch in self._batches([len(ids) for ids, _ in built]):
+            width = max(len(built[j][0]) for j in batch)
+            # Right padding needs no attention mask: causal attention never looks at later positions.
+            ids = torch.zeros(len(batch), width, dtype=torch.long)
+            spans = []
+            for row, j in enumerate(batch):
+                seq, start = built[j]
+                ids[row, : len(seq)] = torch.tensor(seq)
+                spans.append((max(start, 1), len(seq)))
+            ids = ids.to(self.device)
+            hidden = self._base(input_ids=ids, use_cache=False).last_hidden_state
+            for j, loss in zip(batch, self._losses(hidden, ids, spans)):
+                losses[idx[j]] = loss
+
+    def _score_cached(self, prefix: tuple[int, ...], seqs: list[Scored], idx: list[int], losses: list[float]) -> None:
+        head = torch.tensor([prefix[:-1]], device=self.device)
+        cache = self._base(input_ids=head, use_cache=True).past_key_values
+        offset = len(prefix) - 1
+        conts = [[prefix[-1], *s.context, *s.target] for s in seqs]
+        for batch in self._batches([len(c) for c in conts], extra=offset):
+            width = max(len(conts[j]) for j in batch)
+            ids = torch.zeros(len(batch), width, dtype=torch.long)
+            spans = []
+            for row, j in enumerate(batch):
+                ids[row, : len(conts[j])] = torch.tensor(conts[j])
+                spans.append((1 + len(seqs[j].context), len(conts[j])))
+            ids = ids.to(self.device)
+            batch_cache = copy.deepcopy(cache)
+            batch_cache.batch_repeat_interleave(len(batch))
+            positions = torch.arange(offset, offset + width, device=self.device).expand(len(batch), -1)
+            hidden = self._base(
+                input_ids=ids, past_key_values=batch_cache, position_ids=positions, use_cache=True
+            ).last_hidden_state
+            for j, loss in zip(batch, self._losses(hidden, ids, spans)):
+                losses[idx[j]] = loss
