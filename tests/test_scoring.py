@@ -1,0 +1,65 @@
+"""Option scoring: the naive path against a hand-written loss, and prefix caching against naive."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from raymeta.eval.scoring import OptionScorer
+from raymeta.prompts import Scored
+from tests.conftest import tiny_gpt2, tiny_llama
+
+
+def _random_seqs(n: int, prefix_len: int, vocab: int, seed: int = 0) -> list[Scored]:
+    rng = random.Random(seed)
+    prefix = tuple(rng.randrange(vocab) for _ in range(prefix_len))
+    out = []
+    for _ in range(n):
+        ctx = tuple(rng.randrange(vocab) for _ in range(rng.randint(1, 9)))
+        tgt = tuple(rng.randrange(vocab) for _ in range(rng.randint(1, 5)))
+        out.append(Scored(prefix, ctx, tgt))
+    return out
+
+
+@pytest.mark.parametrize("make", [tiny_gpt2, tiny_llama])
+def test_naive_loss_is_mean_ce_over_target_tokens(make):
+    model = make(vocab_size=101, dtype=torch.float64)
+    s = Scored((5, 6, 7), (8, 9), (10, 11, 12))
+    (loss,) = OptionScorer(model, max_length=64, prefix_cache=False).score([s])
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]])
+    logits = model(ids).logits[0]
+    expected = F.cross_entropy(logits[4:7], ids[0, 5:8]).item()  # positions 4..6 predict tokens 5..7
+    assert loss == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("make", [tiny_gpt2, tiny_llama])
+def test_prefix_cached_equals_naive(make):
+    model = make(vocab_size=97, dtype=torch.float64)
+    seqs = _random_seqs(23, prefix_len=40, vocab=97)
+    cached = OptionScorer(model, max_length=128, prefix_cache=True, max_batch_tokens=300).score(seqs)
+    naive = OptionScorer(model, max_length=128, prefix_cache=False, max_batch_tokens=300).score(seqs)
+    assert cached == pytest.approx(naive, abs=1e-10)
+    assert len(set(round(x, 6) for x in naive)) > 20  # the losses really differ between sequences
+
+
+def test_truncated_sequences_fall_back_to_full_scoring():
+    model = tiny_llama(vocab_size=97, dtype=torch.float64)
+    seqs = _random_seqs(12, prefix_len=40, vocab=97, seed=3)
+    max_length = 47  # some sequences (40 + ctx + tgt) need left truncation, others do not
+    assert any(s.needs_truncation(max_length) for s in seqs) and not all(s.needs_truncation(max_length) for s in seqs)
+    cached = OptionScorer(model, max_length=max_length, prefix_cache=True).score(seqs)
+    naive = OptionScorer(model, max_length=max_length, prefix_cache=False).score(seqs)
+    assert cached == pytest.approx(naive, abs=1e-10)
+
+
+def test_float32_cached_scoring_gives_the_same_predictions():
+    model = tiny_gpt2(vocab_size=211)
+    seqs = _random_seqs(60, prefix_len=100, vocab=211, seed=7)
+    cached = OptionScorer(model, max_length=256).score(seqs)
+    naive = OptionScorer(model, max_length=256, prefix_cache=False).score(seqs)
+    assert max(abs(a - b) for a, b in zip(cached, naive)) < 1e-4
+    groups = [range(i, i + 4) for i in range(0, 60, 4)]  # 4 "options" per example
+    assert [min(g, key=cached.__getitem__) for g in groups] == [min(g, key=naive.__getitem__) for g in groups]
