@@ -46,8 +46,9 @@ class OptionScorer:
         self.prefix_cache = prefix_cache
         self.max_batch_tokens = max_batch_tokens
         self.device = next(model.parameters()).device
-        self._base: Any = model.base_model
-        self._head: Any = getattr(model, "get_output_embeddings")()  # noqa: B009 (keeps mypy off torch's Module typing)
+        hf: Any = model  # a Hugging Face causal LM: body and output head
+        self._base = hf.base_model
+        self._head = hf.get_output_embeddings()
 
     @torch.no_grad()
     def score(self, seqs: Sequence[Scored]) -> list[float]:
