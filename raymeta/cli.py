@@ -116,6 +116,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         max_test_examples=args.max_test_examples,
         newlines=not args.spaces,
         prefix_cache=not args.naive,
+        truncation=args.truncation,
     )
     data = DataDir(args.data or paths(args.home).builtin_data)
     if args.data is None and not (data.root / "config").is_dir():
@@ -213,6 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="output folder (default runs/eval-SETTING-TIME)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the per-option loss cache")
     p.add_argument("--naive", action="store_true", help="score every sequence in full (no prefix caching)")
+    p.add_argument(
+        "--truncation",
+        default="metaicl",
+        help="metaicl (default: each sequence left-truncated on its own, exact) or shared (demonstrations cut once "
+        "per task and seed so all sequences fit and share the cached prefix; faster on long inputs)",
+    )
     p.add_argument("--spaces", action="store_true", help="MetaICL's original space-separated format instead of newlines")
     p.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")

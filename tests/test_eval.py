@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
-from raymeta.data import DataDir
+from raymeta.data import DataDir, Example
+from raymeta.errors import UserError
 from raymeta.eval.icl import EvalConfig, LossCache, evaluate_setting, markdown_table, model_fingerprint
 from tests.conftest import make_data_dir, tiny_gpt2
 
@@ -59,3 +61,41 @@ def test_subsample_is_seeded_and_shared_across_seeds(tmp_path, gpt2_tokenizer):
     t = res["runs"]["direct/zero-shot"]["per_task"]["sent"]
     assert t["n_test"] == 3
     assert t["seeds"]["100"] == t["seeds"]["13"]  # zero-shot on the same subset: same score for every seed
+
+
+def test_shared_truncation_fits_every_sequence_and_equals_metaicl_when_nothing_is_cut(tmp_path, gpt2_tokenizer):
+    data = DataDir(make_data_dir(tmp_path / "d"))
+    model = tiny_gpt2()
+    base = dict(k=4, seeds=(100, 13), variants=("direct", "channel"), modes=("icl",))
+    exact = evaluate_setting(model, gpt2_tokenizer, data, data.setting("toy"), EvalConfig(**base), cache=None, progress=False)
+    shared = evaluate_setting(
+        model, gpt2_tokenizer, data, data.setting("toy"), EvalConfig(**base, truncation="shared"), cache=None, progress=False
+    )
+    assert shared["runs"] == exact["runs"]  # the toy prompts fit in max_length: the two rules agree
+
+
+def test_shared_truncation_cuts_the_demonstrations_once(gpt2_tokenizer, monkeypatch):
+    from raymeta.eval import icl
+    from raymeta.prompts import PromptBuilder, PromptFormat
+
+    demos = [Example("t", f"word {i} " * 6, "positive", ("positive", "negative")) for i in range(4)]
+    tests = [
+        Example("t", "short", "positive", ("positive", "negative")),
+        Example("t", "a much longer input " * 3, "negative", ("positive", "negative")),
+    ]
+    builder = PromptBuilder(gpt2_tokenizer, PromptFormat("direct", 64, 64))
+    full_prefix = builder.demonstrations(demos)
+    assert len(full_prefix) > 64  # the demonstrations alone exceed max_length
+    scored: list = []
+    real_score = icl.OptionScorer.score
+    monkeypatch.setattr(icl.OptionScorer, "score", lambda self, seqs: scored.extend(seqs) or real_score(self, seqs))
+    preds = icl._score_task_seed(tiny_gpt2(), builder, demos, tests, EvalConfig(k=4, truncation="shared"), "m", None)
+    assert len(preds) == 2 and len(scored) == 4
+    prefixes = {s.prefix for s in scored}
+    assert len(prefixes) == 1  # one shared, cacheable prefix
+    (prefix,) = prefixes
+    longest = max(len(s.context) + len(s.target) for s in scored)
+    assert len(prefix) + longest == 64 and tuple(full_prefix[-len(prefix) :]) == prefix  # cut from the left, once
+    assert not any(s.needs_truncation(64) for s in scored)
+    with pytest.raises(UserError, match="--truncation"):
+        EvalConfig(truncation="middle")

@@ -31,6 +31,12 @@ from raymeta.prompts import VARIANTS, PromptBuilder, PromptFormat, Scored, defau
 __all__ = ["MODES", "EvalConfig", "LossCache", "model_fingerprint", "evaluate_setting", "markdown_table"]
 
 MODES = ("zero-shot", "icl")
+# metaicl: each sequence is left-truncated on its own (MetaICL, exact; sequences that need it cannot
+#          share the cached demonstrations and are scored in full).
+# shared:  when some sequence of a (task, seed) would not fit, the demonstrations are left-truncated
+#          once, to max_length - (longest context + target of that task and seed), so every sequence
+#          fits and all share one cached prefix. Identical to `metaicl` when nothing needs truncation.
+TRUNCATION = ("metaicl", "shared")
 
 
 @dataclass(frozen=True)
@@ -44,9 +50,12 @@ class EvalConfig:
     max_length_per_example: int = 256
     newlines: bool = True
     prefix_cache: bool = True
+    truncation: str = "metaicl"
     max_batch_tokens: int = 16384
 
     def __post_init__(self) -> None:
+        if self.truncation not in TRUNCATION:
+            raise UserError(f"--truncation: expected one of {', '.join(TRUNCATION)}, got {self.truncation!r}")
         if self.k < 1:
             raise UserError(f"--k: expected a positive integer, got {self.k}")
         if not self.seeds:
@@ -145,8 +154,14 @@ def _score_task_seed(
     """Predictions for the test examples of one (task, seed) under one prompt format."""
     prefix = builder.demonstrations(demos) if demos else []
     per_example = [builder.test_sequences(ex, prefix) for ex in tests]
-    flat = [s for seqs in per_example for s in seqs]
     max_length = builder.fmt.max_length
+    if prefix and cfg.truncation == "shared":
+        longest = max(len(s.context) + len(s.target) for seqs in per_example for s in seqs)
+        excess = len(prefix) + longest - max_length
+        if excess > 0:
+            prefix = prefix[excess:]
+            per_example = [builder.test_sequences(ex, prefix) for ex in tests]
+    flat = [s for seqs in per_example for s in seqs]
     settings = {
         "max_length": max_length,
         "allow_truncation": demos is not None,
