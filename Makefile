@@ -21,7 +21,7 @@ run: $(STAMP)
 	@echo "==> fetching and verifying the real assets (SmolLM2-135M, GPT-2 BPE, BIG-bench; cached after the first run)"
 	$(BIN)/raymeta fetch
 	@echo "==> main job: MetaICL evaluation of raw SmolLM2-135M on the built-in setting bb_class_to_class"
-	$(BIN)/raymeta eval --setting bb_class_to_class --max-test-examples 10 --out runs/main
+	$(BIN)/raymeta eval --setting bb_class_to_class --max-test-examples 10 --truncation shared --out runs/main
 
 lint: $(STAMP)
 	@echo "==> ruff and mypy"
