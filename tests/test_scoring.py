@@ -63,3 +63,20 @@ def test_float32_cached_scoring_gives_the_same_predictions():
     assert max(abs(a - b) for a, b in zip(cached, naive)) < 1e-4
     groups = [range(i, i + 4) for i in range(0, 60, 4)]  # 4 "options" per example
     assert [min(g, key=cached.__getitem__) for g in groups] == [min(g, key=naive.__getitem__) for g in groups]
+
+
+@pytest.mark.parametrize("make", [tiny_gpt2, tiny_llama])
+def test_options_sharing_their_context_equal_naive(make):
+    """Direct prompts: the options of one example share demonstrations and x_q (the two-level cache)."""
+    model = make(vocab_size=89, dtype=torch.float64)
+    rng = random.Random(11)
+    prefix = tuple(rng.randrange(89) for _ in range(30))
+    seqs = []
+    for _ in range(6):
+        ctx = tuple(rng.randrange(89) for _ in range(rng.randint(1, 8)))
+        for length in (1, 2, 4, 3):  # options of different lengths, one of a single token
+            seqs.append(Scored(prefix, ctx, tuple(rng.randrange(89) for _ in range(length))))
+    seqs.append(Scored(prefix, (5, 6), (7, 8)))  # an example with a context of its own
+    cached = OptionScorer(model, max_length=128).score(seqs)
+    naive = OptionScorer(model, max_length=128, prefix_cache=False).score(seqs)
+    assert cached == pytest.approx(naive, abs=1e-10)

@@ -5,6 +5,10 @@ keys/values are computed once (`prefix_cache=True`) and reused for every continu
 
 - a sequence that fits in `max_length` is scored as `cache(prefix[:-1])` + `prefix[-1:] + context +
   target` (the last prefix token is recomputed so that the first target token always has its logit);
+- sequences that also share their context (the options of one test example with direct prompts:
+  same demonstrations, same x_q) encode `prefix[-1:] + context` once on top of the cached prefix; the
+  first target token is predicted from that pass and the rest of each option from a second, batched
+  pass over the options;
 - a sequence that needs MetaICL's left truncation is scored in full, exactly as the naive way does,
   because its truncated prefix differs from the shared one.
 
@@ -66,7 +70,16 @@ class OptionScorer:
         if full:
             self._score_full(seqs, full, losses)
         for prefix, idx in by_prefix.items():
-            self._score_cached(prefix, [seqs[i] for i in idx], idx, losses)
+            cache = self._base(input_ids=torch.tensor([prefix[:-1]], device=self.device), use_cache=True).past_key_values
+            by_context: dict[tuple[int, ...], list[int]] = defaultdict(list)
+            for i in idx:
+                by_context[seqs[i].context].append(i)
+            single = [i for group in by_context.values() if len(group) == 1 for i in group]
+            for context, group in by_context.items():
+                if len(group) > 1:
+                    self._score_shared_context(prefix, cache, context, [seqs[i].target for i in group], group, losses)
+            if single:
+                self._score_cached(prefix, cache, [seqs[i] for i in single], single, losses)
         return losses
 
     def _losses(self, hidden: torch.Tensor, ids: torch.Tensor, spans: list[tuple[int, int]]) -> list[float]:
@@ -115,9 +128,7 @@ class OptionScorer:
             for j, loss in zip(batch, self._losses(hidden, ids, spans)):
                 losses[idx[j]] = loss
 
-    def _score_cached(self, prefix: tuple[int, ...], seqs: list[Scored], idx: list[int], losses: list[float]) -> None:
-        head = torch.tensor([prefix[:-1]], device=self.device)
-        cache = self._base(input_ids=head, use_cache=True).past_key_values
+    def _score_cached(self, prefix: tuple[int, ...], cache: Any, seqs: list[Scored], idx: list[int], losses: list[float]) -> None:
         offset = len(prefix) - 1
         conts = [[prefix[-1], *s.context, *s.target] for s in seqs]
         for batch in self._batches([len(c) for c in conts], extra=offset):
@@ -136,3 +147,45 @@ class OptionScorer:
             ).last_hidden_state
             for j, loss in zip(batch, self._losses(hidden, ids, spans)):
                 losses[idx[j]] = loss
+
+    def _score_shared_context(
+        self,
+        prefix: tuple[int, ...],
+        cache: Any,
+        context: tuple[int, ...],
+        targets: list[tuple[int, ...]],
+        idx: list[int],
+        losses: list[float],
+    ) -> None:
+        stem = torch.tensor([[prefix[-1], *context]], device=self.device)
+        offset = len(prefix) - 1
+        stem_cache = copy.deepcopy(cache)
+        positions = torch.arange(offset, offset + stem.shape[1], device=self.device)[None]
+        last = self._base(input_ids=stem, past_key_values=stem_cache, position_ids=positions, use_cache=True).last_hidden_state[
+            0, -1
+        ]
+        # hidden[j][t] predicts targets[j][t]: t = 0 from the stem's last position, t > 0 from the options pass
+        hidden = [[last] for _ in targets]
+        longer = [j for j, t in enumerate(targets) if len(t) > 1]
+        if longer:
+            width = max(len(targets[j]) - 1 for j in longer)
+            ids = torch.zeros(len(longer), width, dtype=torch.long)
+            for row, j in enumerate(longer):
+                ids[row, : len(targets[j]) - 1] = torch.tensor(targets[j][:-1])
+            stem_cache.batch_repeat_interleave(len(longer))
+            start = offset + stem.shape[1]
+            positions = torch.arange(start, start + width, device=self.device).expand(len(longer), -1)
+            out = self._base(
+                input_ids=ids.to(self.device), past_key_values=stem_cache, position_ids=positions, use_cache=True
+            ).last_hidden_state
+            for row, j in enumerate(longer):
+                hidden[j].extend(out[row, : len(targets[j]) - 1])
+        flat_hidden = torch.stack([h for hs in hidden for h in hs])
+        flat_targets = torch.tensor([tok for t in targets for tok in t], device=self.device)
+        logits = self._head(flat_hidden)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        token_loss = F.cross_entropy(logits, flat_targets, reduction="none")
+        at = 0
+        for j, t in zip(idx, targets):
+            losses[j] = float(token_loss[at : at + len(t)].mean())
+            at += len(t)
