@@ -1,0 +1,230 @@
+"""One typed config for meta-training, loadable from YAML and overridable with dotted keys.
+
+    raymeta train config.yaml inner.lr=3e-5 outer.optimizer=adam tasks_per_step=8
+
+The same dotted names are the keys of a Ray Tune `param_space`. Every problem is one `UserError`
+naming the key (and the file) and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from raymeta.errors import UserError
+from raymeta.optim import OPTIMIZERS, OptimizerSpec
+
+__all__ = ["METHODS", "MOMENT_POLICIES", "InnerConfig", "OuterConfig", "TrainConfig", "load_config", "apply_overrides", "to_dict"]
+
+METHODS = ("maml_en_llm", "fomaml", "reptile", "metaicl")
+MOMENT_POLICIES = ("none", "init", "shared")
+VARIANTS = ("direct", "channel")
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass
+class InnerConfig:
+    optimizer: str = "adamw"
+    lr: float = 1e-5
+    steps: int = 1
+
+
+@dataclass
+class OuterConfig:
+    optimizer: str = "adamw"
+    lr: float = 1e-5
+
+
+@dataclass
+class TrainConfig:
+    method: str = "maml_en_llm"
+    model: str = "builtin"
+    data: str | None = None  # a MetaICL-layout folder; None = the built-in BIG-bench settings
+    setting: str = "bb_class_to_class"
+    variant: str = "direct"
+    k: int = 4  # demonstrations per training instance
+    tasks_per_step: int = 2
+    support_size: int = 1  # ICL instances per task for the inner loop
+    query_size: int = 1  # ICL instances per task for the meta-gradient
+    inner: InnerConfig = field(default_factory=InnerConfig)
+    outer: OuterConfig = field(default_factory=OuterConfig)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    eps_root: float = 1e-16
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # on the meta-gradient's global norm; 0 turns clipping off
+    moment_policy: str = "shared"
+    precision: str = "fp32"
+    activation_checkpointing: bool = False
+    max_length_per_example: int = 256
+    max_length: int = 512
+    max_examples_per_task: int | None = None  # the limited-data setting: cap on each task's pool
+    steps: int = 10  # meta-steps
+    seed: int = 0
+    checkpoint_every: int = 5
+    log_every: int = 1
+    out: str = "runs/train"
+
+    def validate(self, where: str = "config") -> TrainConfig:
+        def bad(key: str, expected: str, got: Any) -> UserError:
+            return UserError(f"{where}: {key}: expected {expected}, got {got!r}")
+
+        for key, value, allowed in (
+            ("method", self.method, METHODS),
+            ("variant", self.variant, VARIANTS),
+            ("moment_policy", self.moment_policy, MOMENT_POLICIES),
+            ("precision", self.precision, PRECISIONS),
+            ("inner.optimizer", self.inner.optimizer, OPTIMIZERS),
+            ("outer.optimizer", self.outer.optimizer, OPTIMIZERS),
+        ):
+            if value not in allowed:
+                raise bad(key, "one of " + ", ".join(allowed), value)
+        for key, rate in (("inner.lr", self.inner.lr), ("outer.lr", self.outer.lr)):
+            if not rate > 0:
+                raise bad(key, "a positive number", rate)
+        for key, number in (
+            ("eps", self.eps),
+            ("eps_root", self.eps_root),
+            ("weight_decay", self.weight_decay),
+            ("grad_clip", self.grad_clip),
+        ):
+            if number < 0:
+                raise bad(key, "a number >= 0", number)
+        for key, count in (
+            ("inner.steps", self.inner.steps),
+            ("k", self.k),
+            ("tasks_per_step", self.tasks_per_step),
+            ("support_size", self.support_size),
+            ("query_size", self.query_size),
+            ("steps", self.steps),
+            ("checkpoint_every", self.checkpoint_every),
+            ("log_every", self.log_every),
+        ):
+            if count < 1:
+                raise bad(key, "an integer >= 1", count)
+        if not all(0 <= b < 1 for b in self.betas) or len(self.betas) != 2:
+            raise bad("betas", "two numbers in [0, 1)", list(self.betas))
+        if self.max_examples_per_task is not None and self.max_examples_per_task < self.k + 2:
+            raise bad(
+                "max_examples_per_task",
+                f"at least k + 2 = {self.k + 2} (k demonstrations and support/query targets)",
+                self.max_examples_per_task,
+            )
+        if self.max_length < self.max_length_per_example:
+            raise bad("max_length", f"at least max_length_per_example ({self.max_length_per_example})", self.max_length)
+        if self.moment_policy != "none" and self.method in ("maml_en_llm", "fomaml", "reptile"):
+            if not (self.inner_spec().has_moments and self.outer_spec().has_moments):
+                raise bad(
+                    "moment_policy",
+                    "'none' unless inner.optimizer and outer.optimizer are both adam or adamw "
+                    "(there are no moments to start from or share)",
+                    self.moment_policy,
+                )
+        return self
+
+    def inner_spec(self) -> OptimizerSpec:
+        return OptimizerSpec(self.inner.optimizer, self.inner.lr, self.betas, self.eps, self.eps_root, self.weight_decay)
+
+    def outer_spec(self) -> OptimizerSpec:
+        # the outer step is never differentiated: no guard, exactly torch.optim.Adam(W)
+        return OptimizerSpec(self.outer.optimizer, self.outer.lr, self.betas, self.eps, 0.0, self.weight_decay)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    out = dataclasses.asdict(cfg)
+    out["betas"] = list(cfg.betas)
+    return out
+
+
+def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, key, where)
+    if origin is tuple:
+        if not isinstance(value, list | tuple) or len(value) != len(typing.get_args(tp)):
+            raise UserError(f"{where}: {key}: expected a list of {len(typing.get_args(tp))} numbers, got {value!r}")
+        return tuple(_coerce(v, a, key, where) for v, a in zip(value, typing.get_args(tp)))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise UserError(f"{where}: {key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"{where}: {key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise UserError(f"{where}: {key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise UserError(f"{where}: {key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp}")
+
+
+def _set(cfg: Any, dotted: str, value: Any, where: str) -> None:
+    parts = dotted.split(".")
+    target = cfg
+    for i, part in enumerate(parts):
+        names = {f.name: f for f in dataclasses.fields(target)}
+        if part not in names:
+            prefix = ".".join(parts[:i])
+            known = ", ".join(sorted((f"{prefix}." if prefix else "") + n for n in names))
+            raise UserError(f"{where}: unknown key {dotted!r} (known: {known})")
+        hints = typing.get_type_hints(type(target))
+        if i == len(parts) - 1:
+            if dataclasses.is_dataclass(hints[part]):
+                if not isinstance(value, dict):
+                    raise UserError(f"{where}: {dotted}: expected a mapping of its keys, got {value!r}")
+                for sub, subvalue in value.items():
+                    _set(cfg, f"{dotted}.{sub}", subvalue, where)
+            else:
+                setattr(target, part, _coerce(value, hints[part], dotted, where))
+        else:
+            target = getattr(target, part)
+            if not dataclasses.is_dataclass(target):
+                raise UserError(f"{where}: unknown key {dotted!r} ({'.'.join(parts[: i + 1])} has no sub-keys)")
+
+
+def apply_overrides(cfg: TrainConfig, mapping: dict[str, Any], where: str) -> TrainConfig:
+    for key, value in mapping.items():
+        _set(cfg, key, value, where)
+    return cfg
+
+
+def load_config(path: Path | None, overrides: list[str] | None = None) -> TrainConfig:
+    """Defaults, then the YAML file, then `key=value` overrides (values parsed as YAML), validated."""
+    cfg = TrainConfig()
+    if path is not None:
+        if not path.is_file():
+            raise UserError(f"{path}: config file not found")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark is not None else ""
+            raise UserError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+        if not isinstance(data, dict):
+            raise UserError(f"{path}: expected a mapping of config keys")
+        apply_overrides(cfg, data, str(path))
+    for item in overrides or []:
+        if "=" not in item:
+            raise UserError(f"override {item!r}: expected key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        apply_overrides(cfg, {key.strip(): value}, "command line")
+    return cfg.validate(str(path) if path is not None else "config")
