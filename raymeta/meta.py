@@ -131,7 +131,9 @@ class FunctionalLM:
         logits = F.linear(hidden[rows, cols - 1], params[self.head_name], self.head_bias)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         token_loss = F.cross_entropy(logits, ids[rows, cols], reduction="none")
-        weights = torch.cat([torch.full((e - s,), 1.0 / (e - s)) for s, e in batch.spans]).to(token_loss)
+        weights = torch.cat([torch.full((e - s,), 1.0 / (e - s), dtype=token_loss.dtype) for s, e in batch.spans]).to(
+            token_loss.device
+        )
         return (token_loss * weights).sum() / len(batch.spans)
 
     def check_double_backward(self) -> None:
