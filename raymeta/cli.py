@@ -145,6 +145,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from raymeta.config import load_config
+    from raymeta.train import train
+
+    _quiet_libraries()
+    cfg = load_config(args.config, args.overrides)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    final = train(cfg, resume=args.resume, progress=not args.quiet, root=args.home)
+    print(f"final checkpoint: {final}  (evaluate it with: raymeta eval --model {final})")
+    return 0
+
+
 # --- parser --------------------------------------------------------------------------------------
 
 
@@ -190,6 +205,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=_positive, default=16, help="k of the target tasks' files (default 16)")
     p.add_argument("--seeds", type=_int_list, default=(100, 13, 21, 42, 87), help="seeds (default 100,13,21,42,87)")
     p.set_defaults(func=cmd_data_check)
+
+    p = sub.add_parser(
+        "train",
+        parents=[home],
+        help="meta-train a model (maml_en_llm, fomaml, reptile, metaicl)",
+        description="Meta-train on one process. CONFIG is a YAML file of config keys; KEY=VALUE overrides any key, "
+        "dotted for nested ones (inner.lr=3e-5). Checkpoints go to OUT/checkpoints, metrics to OUT/metrics.jsonl.",
+    )
+    p.add_argument("config", type=Path, help="YAML config (see configs/)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. inner.steps=2 method=fomaml")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run folder")
+    p.add_argument("--threads", type=_positive, default=None, help="torch CPU threads")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(
         "eval",

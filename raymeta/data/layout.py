@@ -203,9 +203,13 @@ class DataDir:
     def test_examples(self, task: str, k: int, seed: int) -> list[Example]:
         return read_examples(self.split_path(task, k, seed, "test"), task=task, for_test=True)
 
+    def pool_examples(self, task: str) -> list[Example]:
+        """A meta-training pool (`{task}_16384_100_train.jsonl`), validated."""
+        return read_examples(self.split_path(task, POOL_K, POOL_SEED, "train"), task=task)
+
     def pool(self, task: str) -> datasets.Dataset:
-        """A meta-training pool (`{task}_16384_100_train.jsonl`) as an Arrow dataset."""
-        return to_dataset(read_examples(self.split_path(task, POOL_K, POOL_SEED, "train"), task=task))
+        """A meta-training pool as an Arrow dataset."""
+        return to_dataset(self.pool_examples(task))
 
     # --- whole-folder check ---------------------------------------------------------------------
     def check(self, settings: Iterable[str] | None = None, k: int = 16, seeds: Sequence[int] = DEFAULT_SEEDS) -> dict[str, int]:

@@ -1,0 +1,179 @@
+"""Meta-training on one process: sample, step, log, checkpoint, resume.
+
+Layout of a run folder (`out`):
+
+    config.yaml              the resolved config
+    metrics.jsonl            one line per meta-step
+    checkpoints/step-NNNNNN/ model/ (Hugging Face folder, safetensors, with the tokenizer),
+                             optimizer.safetensors (the outer moments m.*, v.*), state.json (step,
+                             optimizer step, sampler state, skipped steps, config)
+
+`--resume` continues from the latest checkpoint and gives the same trajectory as an uninterrupted run
+(bit for bit on CPU): weights, optimizer state and sampler state are restored exactly, and the model
+runs in eval mode (no dropout), so nothing else is random.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from raymeta.config import TrainConfig, to_dict
+from raymeta.data import DataDir
+from raymeta.errors import UserError
+from raymeta.io import atomic_dir, atomic_write_json, atomic_write_text, home
+from raymeta.meta import MetaLearner, TaskBatch, make_batch
+from raymeta.optim import AdamState
+from raymeta.prompts import PromptBuilder, PromptFormat
+from raymeta.sampler import MetaBatchSampler, TaskSample
+
+__all__ = ["latest_checkpoint", "train"]
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    found = sorted((out / "checkpoints").glob("step-*/state.json"))
+    return found[-1].parent if found else None
+
+
+def _save_checkpoint(path: Path, model: Any, tokenizer: Any, learner: MetaLearner, sampler: MetaBatchSampler, step: int) -> None:
+    with atomic_dir(path) as tmp:
+        model.save_pretrained(tmp / "model")
+        tokenizer.save_pretrained(tmp / "model")
+        state = learner.state
+        tensors = {}
+        if state is not None:
+            tensors = {
+                **{f"m.{n}": t.contiguous() for n, t in state.m.items()},
+                **{f"v.{n}": t.contiguous() for n, t in state.v.items()},
+            }
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        atomic_write_json(
+            tmp / "state.json",
+            {
+                "step": step,
+                "optimizer_step": state.step if state is not None else 0,
+                "sampler": sampler.state(),
+                "skipped": learner.skipped,
+                "config": to_dict(learner.cfg),
+            },
+        )
+
+
+def _load_optimizer(path: Path, names: list[str], step: int) -> AdamState:
+    tensors = load_file(str(path / "optimizer.safetensors"))
+    return AdamState({n: tensors[f"m.{n}"] for n in names}, {n: tensors[f"v.{n}"] for n in names}, step)
+
+
+def _tokenize(sample: TaskSample, builder: PromptBuilder) -> TaskBatch:
+    def batch(instances):  # type: ignore[no-untyped-def]
+        return make_batch([builder.training_sequence(i.demonstrations, i.target) for i in instances], builder.fmt.max_length)
+
+    return TaskBatch(sample.task, batch(sample.support), batch(sample.query))
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def train(
+    cfg: TrainConfig,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    root: Path | None = None,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
+) -> Path:
+    """Run (or resume) meta-training; returns the final checkpoint folder."""
+    from raymeta.assets import paths
+    from raymeta.models import load_model, load_tokenizer
+
+    out = Path(cfg.out)
+    ckpt_dir = out / "checkpoints"
+    latest = latest_checkpoint(out)
+    if resume and latest is None:
+        raise UserError(f"--resume: no checkpoint in {ckpt_dir}")
+    if not resume and latest is not None:
+        raise UserError(f"out={out}: holds checkpoints of an earlier run; pass --resume to continue it or choose another out")
+    if cfg.activation_checkpointing:
+        raise UserError(
+            "activation_checkpointing: not supported: recomputed activations lose their dependence on the adapted "
+            "weights, which silently corrupts meta-gradients (measured: cosine 0.89-0.92 to the exact one)"
+        )
+
+    data = DataDir(cfg.data or paths(root or home()).builtin_data)
+    setting = data.setting(cfg.setting)
+    pools = {task: data.pool_examples(task) for task in setting.train}
+    sampler = MetaBatchSampler(
+        pools,
+        k=cfg.k,
+        tasks_per_step=cfg.tasks_per_step,
+        support_size=cfg.support_size,
+        query_size=cfg.query_size,
+        seed=cfg.seed,
+        max_examples_per_task=cfg.max_examples_per_task,
+    )
+    model_spec = str(latest) if latest is not None else cfg.model
+    tokenizer = load_tokenizer(model_spec, root)
+    model = load_model(model_spec, root=root)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    learner = MetaLearner(model, cfg)
+    start = 0
+    if latest is not None:
+        state = json.loads((latest / "state.json").read_text())
+        start = state["step"]
+        sampler.load_state(state["sampler"])
+        learner.skipped = state["skipped"]
+        if learner.state is not None:
+            learner.state = _load_optimizer(latest, list(learner.flm.params()), state["optimizer_step"])
+
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    metrics_path = out / "metrics.jsonl"
+    kept = []
+    if metrics_path.is_file():
+        kept = [line for line in metrics_path.read_text().splitlines() if line and json.loads(line)["step"] <= start]
+    atomic_write_text(metrics_path, "".join(line + "\n" for line in kept))
+
+    builder = PromptBuilder(tokenizer, PromptFormat(cfg.variant, cfg.max_length_per_example, cfg.max_length))  # type: ignore[arg-type]
+    bar = tqdm(total=cfg.steps, initial=start, desc=f"{cfg.method} meta-training", unit="step", disable=not progress)
+    final = latest
+    with metrics_path.open("a") as log:
+        for step in range(start + 1, cfg.steps + 1):
+            batches = [_tokenize(s, builder) for s in sampler.sample()]
+            began = time.perf_counter()
+            m = learner.step(batches)
+            seconds = time.perf_counter() - began
+            record = {
+                "step": step,
+                "meta_loss": m.query_loss,
+                "support_loss": m.support_loss,
+                "query_loss": m.query_loss,
+                "grad_norm": m.grad_norm,
+                "skipped_steps": learner.skipped,
+                "tokens": m.n_tokens,
+                "seconds": seconds,
+                "tokens_per_s": m.n_tokens / seconds,
+                "meta_steps_per_s": 1 / seconds,
+                "peak_rss_mb": _peak_rss_mb(),
+            }
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            if on_step is not None:
+                on_step(record)
+            bar.update(1)
+            bar.set_postfix(meta_loss=f"{m.query_loss:.3f}", support=f"{m.support_loss:.3f}", skipped=learner.skipped)
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                final = ckpt_dir / f"step-{step:06d}"
+                _save_checkpoint(final, model, tokenizer, learner, sampler, step)
+    bar.close()
+    assert final is not None
+    return final

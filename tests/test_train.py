@@ -1,0 +1,140 @@
+"""Meta-training end to end on a tiny model folder: checkpoints, exact resume, bad configs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from raymeta.cli import main
+from raymeta.config import load_config
+from raymeta.train import train
+from tests.conftest import make_data_dir, tiny_gpt2
+
+
+@pytest.fixture()
+def tiny_setup(tmp_path, gpt2_tokenizer):
+    model_dir = tmp_path / "tiny-model"
+    tiny_gpt2().save_pretrained(model_dir)
+    gpt2_tokenizer.save_pretrained(model_dir)
+    data = make_data_dir(tmp_path / "data", k=4)
+    return model_dir, data
+
+
+def _cfg(tmp_path: Path, model_dir: Path, data: Path, out: str, *extra: str):
+    overrides = [
+        f"model={model_dir}",
+        f"data={data}",
+        "setting=toy",
+        f"out={tmp_path / out}",
+        "k=2",
+        "tasks_per_step=2",
+        "max_length=256",
+        "checkpoint_every=2",
+        "inner.lr=0.001",
+        "outer.lr=0.001",
+        *extra,
+    ]
+    return load_config(None, overrides)
+
+
+def test_resume_continues_the_exact_trajectory(tmp_path, tiny_setup):
+    model_dir, data = tiny_setup
+    straight = train(_cfg(tmp_path, model_dir, data, "a", "steps=4"), progress=False)
+    train(_cfg(tmp_path, model_dir, data, "b", "steps=2"), progress=False)
+    resumed = train(_cfg(tmp_path, model_dir, data, "b", "steps=4"), resume=True, progress=False)
+    assert straight.name == resumed.name == "step-000004"
+    a, b = load_file(str(straight / "model" / "model.safetensors")), load_file(str(resumed / "model" / "model.safetensors"))
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)  # bit for bit
+    before = load_file(str(model_dir / "model.safetensors"))
+    assert any(not (a[k] == before[k]).all() for k in a)  # and training did move the weights
+    oa, ob = load_file(str(straight / "optimizer.safetensors")), load_file(str(resumed / "optimizer.safetensors"))
+    assert all((oa[k] == ob[k]).all() for k in oa)
+    la = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    lb = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lb] == [1, 2, 3, 4]
+    assert [r["meta_loss"] for r in la] == [r["meta_loss"] for r in lb]
+
+
+@pytest.mark.parametrize("method", ["metaicl", "fomaml", "reptile", "maml_en_llm"])
+def test_every_method_trains_and_its_checkpoint_evaluates(tmp_path, tiny_setup, capsys, method):
+    model_dir, data = tiny_setup
+    extra = ["steps=1", f"method={method}", "inner.steps=2"]
+    final = train(_cfg(tmp_path, model_dir, data, method, *extra), progress=False)
+    record = json.loads((tmp_path / method / "metrics.jsonl").read_text().splitlines()[0])
+    assert record["skipped_steps"] == 0 and record["grad_norm"] > 0 and record["tokens"] > 0
+    code = main(
+        [
+            "eval",
+            "--quiet",
+            "--model",
+            str(final),
+            "--data",
+            str(data),
+            "--setting",
+            "toy",
+            "--k",
+            "4",
+            "--seeds",
+            "100",
+            "--variants",
+            "direct",
+            ("method: [unclosed", "config.yaml:2: invalid YAML (expected ',' or ']'"),
+            "icl",
+            "--no-cache",
+            "--out",
+            str(tmp_path / "ev"),
+        ]
+    )
+    assert code == 0
+    assert json.loads((tmp_path / "ev" / "results.json").read_text())["runs"]["direct/icl"]["all"]["mean"] >= 0
+
+
+def test_refuses_to_overwrite_a_run_and_to_resume_nothing(tmp_path, tiny_setup, capsys):
+    model_dir, data = tiny_setup
+    train(_cfg(tmp_path, model_dir, data, "r", "steps=1"), progress=False)
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(f"model: {model_dir}\ndata: {data}\nsetting: toy\nout: {tmp_path / 'r'}\nk: 2\nsteps: 1\n")
+    assert main(["train", "--quiet", str(cfg_file)]) == 2
+    assert "holds checkpoints of an earlier run; pass --resume" in capsys.readouterr().err
+    assert main(["train", "--quiet", str(cfg_file), f"out={tmp_path / 'fresh'}", "--resume"]) == 2
+    assert "--resume: no checkpoint" in capsys.readouterr().err
+
+
+BAD = [
+    ("method: maml", "config.yaml: method: expected one of maml_en_llm, fomaml, reptile, metaicl, got 'maml'"),
+    ("inner:\n  optimizer: lion", "inner.optimizer: expected one of sgd, adam, adamw, got 'lion'"),
+    ("outer:\n  lr: -0.001", "outer.lr: expected a positive number, got -0.001"),
+    ("inner:\n  steps: 0", "inner.steps: expected an integer >= 1, got 0"),
+    ("inner_lr: 0.1", "unknown key 'inner_lr'"),
+    ("inner:\n  momentum: 0.9", "unknown key 'inner.momentum' (known: inner.lr, inner.optimizer, inner.steps)"),
+    ("tasks_per_step: two", "tasks_per_step: expected an integer, got 'two'"),
+    ("activation_checkpointing: 1", "activation_checkpointing: expected true or false, got 1"),
+    (
+        "inner:\n  optimizer: sgd",
+        "moment_policy: expected 'none' unless inner.optimizer and outer.optimizer are both adam or adamw",
+    ),
+    ("method: [unclosed", "config.yaml:2: invalid YAML (expected',' or ']'"),
+]
+
+
+@pytest.mark.parametrize("text,fragment", BAD)
+def test_bad_config_values_give_one_line_naming_the_key(tmp_path, capsys, text, fragment):
+    path = tmp_path / "config.yaml"
+    path.write_text(text + "\n")
+    assert main(["train", "--quiet", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_bad_override_on_the_command_line(tmp_path, capsys):
+    path = tmp_path / "config.yaml"
+    path.write_text("steps: 1\n")
+    assert main(["train", "--quiet", str(path), "inner.lr=-1"]) == 2
+    assert "inner.lr: expected a positive number, got -1.0" in capsys.readouterr().err
+    assert main(["train", "--quiet", str(path), "nonsense"]) == 2
+    assert "override 'nonsense': expected key=value" in capsys.readouterr().err
+    assert main(["train", "--quiet", str(path), "outer.optimizer=adagrad"]) == 2
+    assert "outer.optimizer: expected one of sgd, adam, adamw, got 'adagrad'" in capsys.readouterr().err
