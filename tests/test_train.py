@@ -81,7 +81,7 @@ def test_every_method_trains_and_its_checkpoint_evaluates(tmp_path, tiny_setup, 
             "100",
             "--variants",
             "direct",
-            ("method: [unclosed", "config.yaml:2: invalid YAML (expected ',' or ']'"),
+            "--modes",
             "icl",
             "--no-cache",
             "--out",
@@ -116,7 +116,7 @@ BAD = [
         "inner:\n  optimizer: sgd",
         "moment_policy: expected 'none' unless inner.optimizer and outer.optimizer are both adam or adamw",
     ),
-    ("method: [unclosed", "config.yaml:2: invalid YAML (expected',' or ']'"),
+    ("method: [unclosed", "config.yaml:2: invalid YAML (expected ',' or ']'"),
 ]
 
 
