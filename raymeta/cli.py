@@ -102,6 +102,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from raymeta.assets import paths
     from raymeta.data import DataDir
+    from raymeta.eval.adapt import AdaptConfig
     from raymeta.eval.icl import EvalConfig, LossCache, evaluate_setting, markdown_table
     from raymeta.eval.plots import plot_results
     from raymeta.io import atomic_write_json, atomic_write_text
@@ -117,6 +118,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         newlines=not args.spaces,
         prefix_cache=not args.naive,
         truncation=args.truncation,
+        adapt=AdaptConfig(args.adapt_steps, args.adapt_optimizer, args.adapt_lr) if args.adapt_steps else None,
     )
     data = DataDir(args.data or paths(args.home).builtin_data)
     if args.data is None and not (data.root / "config").is_dir():
@@ -248,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="metaicl (default: each sequence left-truncated on its own, exact) or shared (demonstrations cut once "
         "per task and seed so all sequences fit and share the cached prefix; faster on long inputs)",
     )
+    p.add_argument("--adapt-steps", type=int, default=0, help="adapt first: N inner-optimizer steps on the k labelled examples")
+    p.add_argument("--adapt-lr", type=float, default=1e-5, help="learning rate of the adaptation steps (default 1e-5)")
+    p.add_argument("--adapt-optimizer", default="adamw", help="sgd, adam or adamw (default adamw)")
     p.add_argument("--spaces", action="store_true", help="MetaICL's original space-separated format instead of newlines")
     p.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")

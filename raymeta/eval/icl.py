@@ -9,6 +9,7 @@ task, and their averages over tasks, for all targets and for the `unseen_domain_
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import random
@@ -23,6 +24,7 @@ from tqdm import tqdm
 
 from raymeta.data.layout import DEFAULT_SEEDS, DataDir, Example, Setting
 from raymeta.errors import UserError
+from raymeta.eval.adapt import AdaptConfig, adapted
 from raymeta.eval.metrics import accuracy, macro_f1, task_metric
 from raymeta.eval.scoring import OptionScorer
 from raymeta.io import atomic_write_json
@@ -52,6 +54,7 @@ class EvalConfig:
     prefix_cache: bool = True
     truncation: str = "metaicl"
     max_batch_tokens: int = 16384
+    adapt: AdaptConfig | None = None
 
     def __post_init__(self) -> None:
         if self.truncation not in TRUNCATION:
@@ -222,36 +225,55 @@ def evaluate_setting(
                 td.demos[seed] = data.demonstrations(task, cfg.k, seed)
         tasks[task] = td
 
-    runs: dict[str, Any] = {}
-    jobs = [(v, m, t, s) for v in cfg.variants for m in cfg.modes for t in setting.test for s in cfg.seeds]
-    bar = tqdm(total=len(jobs), desc=f"evaluating {setting.name}", unit="run", disable=not progress)
+    suffix = f"+adapt{cfg.adapt.steps}" if cfg.adapt is not None else ""
+    builders = {}
     for variant in cfg.variants:
         for mode in cfg.modes:
             max_length = default_max_length(cfg.k if mode == "icl" else 0, cfg.max_length_per_example)
             fmt = PromptFormat(variant, cfg.max_length_per_example, max_length, cfg.newlines)  # type: ignore[arg-type]
-            builder = PromptBuilder(tokenizer, fmt)
+            builders[variant, mode] = PromptBuilder(tokenizer, fmt)
+    icl_max_length = default_max_length(cfg.k, cfg.max_length_per_example)
+    scores: dict[tuple[str, str, str], dict[str, float]] = {}
+    bar = tqdm(
+        total=len(builders) * len(tasks) * len(cfg.seeds), desc=f"evaluating {setting.name}", unit="run", disable=not progress
+    )
+    for variant in cfg.variants:
+        for task, td in tasks.items():
+            metric = macro_f1 if task_metric(td.task_type) == "macro_f1" else accuracy
+            for seed in cfg.seeds:
+                with contextlib.ExitStack() as stack:
+                    run_id = model_id
+                    if cfg.adapt is not None:
+                        fmt = PromptFormat(variant, cfg.max_length_per_example, icl_max_length, cfg.newlines)  # type: ignore[arg-type]
+                        key = stack.enter_context(
+                            adapted(model, PromptBuilder(tokenizer, fmt), data.demonstrations(task, cfg.k, seed), cfg.adapt)
+                        )
+                        run_id = f"{model_id}+adapt:{key}"
+                    for mode in cfg.modes:
+                        demos = td.demos[seed] if mode == "icl" else None
+                        tests = td.tests[seed]
+                        preds = _score_task_seed(model, builders[variant, mode], demos, tests, cfg, run_id, cache)
+                        value = metric(preds, [ex.output for ex in tests])
+                        scores.setdefault((variant, mode, task), {})[str(seed)] = value
+                        if on_result is not None:
+                            on_result(f"{variant}/{mode}{suffix}", task, seed, value)
+                        bar.update(1)
+
+    runs: dict[str, Any] = {}
+    for variant in cfg.variants:
+        for mode in cfg.modes:
             per_task: dict[str, dict[str, Any]] = {}
             for task, td in tasks.items():
-                metric_name = task_metric(td.task_type)
-                metric = macro_f1 if metric_name == "macro_f1" else accuracy
-                seeds: dict[str, float] = {}
-                for seed in cfg.seeds:
-                    demos = td.demos[seed] if mode == "icl" else None
-                    tests = td.tests[seed]
-                    preds = _score_task_seed(model, builder, demos, tests, cfg, model_id, cache)
-                    seeds[str(seed)] = metric(preds, [ex.output for ex in tests])
-                    if on_result is not None:
-                        on_result(f"{variant}/{mode}", task, seed, seeds[str(seed)])
-                    bar.update(1)
-                scores = list(seeds.values())
+                seeds = scores[variant, mode, task]
+                values = list(seeds.values())
                 per_task[task] = {
-                    "metric": metric_name,
+                    "metric": task_metric(td.task_type),
                     "n_test": len(td.tests[cfg.seeds[0]]),
                     "seeds": seeds,
-                    "mean": sum(scores) / len(scores),
-                    "worst": min(scores),
+                    "mean": sum(values) / len(values),
+                    "worst": min(values),
                 }
-            runs[f"{variant}/{mode}"] = {
+            runs[f"{variant}/{mode}{suffix}"] = {
                 "per_task": per_task,
                 "all": _summarise(per_task, setting.test),
                 "unseen_domain": _summarise(per_task, setting.unseen_domain_test),

@@ -1,0 +1,68 @@
+"""Adaptation before evaluation: a few inner-optimizer steps on the k labelled examples of a target task.
+
+The k examples become MetaICL training instances (each in turn is the target, the other k - 1 its
+demonstrations); each step is one optimizer step on their mean loss (first order). The adapted weights
+are written into the model for the evaluation and restored afterwards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+
+import torch
+
+from raymeta.data.layout import Example
+from raymeta.errors import UserError
+from raymeta.meta import FunctionalLM, make_batch
+from raymeta.optim import OPTIMIZERS, OptimizerSpec, optimizer_step, zeros_state
+from raymeta.prompts import PromptBuilder
+
+__all__ = ["AdaptConfig", "adapted"]
+
+
+@dataclass(frozen=True)
+class AdaptConfig:
+    steps: int
+    optimizer: str = "adamw"
+    lr: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise UserError(f"--adapt-steps: expected a positive integer, got {self.steps}")
+        if self.optimizer not in OPTIMIZERS:
+            raise UserError(f"--adapt-optimizer: expected one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if not self.lr > 0:
+            raise UserError(f"--adapt-lr: expected a positive number, got {self.lr}")
+
+
+@contextmanager
+def adapted(model: torch.nn.Module, builder: PromptBuilder, demos: Sequence[Example], cfg: AdaptConfig) -> Iterator[str]:
+    """Adapt `model` in place on `demos`; yields a key that identifies the adapted weights (given the
+    original ones), and restores the original weights on exit."""
+    seqs = [builder.training_sequence([d for i, d in enumerate(demos) if i != j], demos[j]) for j in range(len(demos))]
+    batch = make_batch(seqs, builder.fmt.max_length)
+    key = hashlib.sha256(json.dumps([asdict(cfg), batch.ids.tolist(), batch.spans]).encode()).hexdigest()
+    flm = FunctionalLM(model, math_attention=False)
+    params = flm.params()
+    original = {n: p.detach().clone() for n, p in params.items()}
+    spec = OptimizerSpec(cfg.optimizer, cfg.lr)
+    theta = {n: p.detach() for n, p in params.items()}
+    state = zeros_state(theta) if spec.has_moments else None
+    for _ in range(cfg.steps):
+        leaf = {n: t.detach().requires_grad_() for n, t in theta.items()}
+        grads = torch.autograd.grad(flm.loss(leaf, batch), list(leaf.values()))
+        with torch.no_grad():
+            theta, state = optimizer_step(spec, {n: t.detach() for n, t in leaf.items()}, dict(zip(leaf, grads)), state)
+    try:
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(theta[n])
+        yield key
+    finally:
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(original[n])
