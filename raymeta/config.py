@@ -118,6 +118,13 @@ class TrainConfig:
             )
         if self.max_length < self.max_length_per_example:
             raise bad("max_length", f"at least max_length_per_example ({self.max_length_per_example})", self.max_length)
+        if self.activation_checkpointing and self.method != "metaicl":
+            raise bad(
+                "activation_checkpointing",
+                "false for method " + self.method + " (recomputed activations would not see the adapted weights, which "
+                "silently corrupts meta-gradients; it is exact, and allowed, for metaicl)",
+                True,
+            )
         if self.moment_policy != "none" and self.method in ("maml_en_llm", "fomaml", "reptile"):
             if not (self.inner_spec().has_moments and self.outer_spec().has_moments):
                 raise bad(
@@ -163,6 +170,11 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
             raise UserError(f"{where}: {key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # PyYAML (YAML 1.1) reads 1e-5 without a dot as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise UserError(f"{where}: {key}: expected a number, got {value!r}")
         return float(value)

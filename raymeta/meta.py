@@ -30,6 +30,7 @@ import contextlib
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -154,6 +155,25 @@ class FunctionalLM:
             ) from None
 
 
+def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Non-reentrant checkpointing of each decoder layer (Hugging Face's), exact for `metaicl` only.
+
+    Only the layers themselves are put in training mode (HF checkpoints a layer when it is training);
+    their children stay in eval mode, so no dropout is switched on.
+    """
+    hf: Any = model
+    if not getattr(hf, "supports_gradient_checkpointing", False):
+        raise UserError(f"activation_checkpointing: {type(model).__name__} does not support gradient checkpointing")
+    hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers:
+        raise UserError(f"activation_checkpointing: no checkpointable layers found in {type(model).__name__}")
+    for layer in layers:
+        layer.training = True
+
+
 @dataclass
 class TaskResult:
     grads: Tensors
@@ -267,9 +287,12 @@ class MetaLearner:
 
     def __init__(self, model: torch.nn.Module, cfg: TrainConfig) -> None:
         self.cfg = cfg
-        self.flm = FunctionalLM(model)
+        # SDPA's math backend only where double backward is needed; elsewhere the default (faster) kernels
+        self.flm = FunctionalLM(model, math_attention=cfg.method == "maml_en_llm")
         if cfg.method == "maml_en_llm":
             self.flm.check_double_backward()
+        if cfg.activation_checkpointing:
+            enable_activation_checkpointing(model)
         params = self.flm.params()
         self.state: AdamState | None = (
             zeros_state({n: p.detach() for n, p in params.items()}) if cfg.outer_spec().has_moments else None

@@ -299,3 +299,32 @@ def test_sdpa_without_math_backend_is_refused_for_second_order():
     except UserError as e:
         assert "no double backward" in str(e)
     FunctionalLM(model, math_attention=True).check_double_backward()  # the math backend always works
+
+
+@pytest.mark.parametrize("make", [tiny_gpt2, tiny_llama])
+def test_activation_checkpointing_gives_the_exact_metaicl_update(make):
+    plain = make(vocab_size=V, dtype=torch.float64)
+    checkpointed = copy.deepcopy(plain)
+    tasks = [TaskBatch("a", _batch(1), _batch(5)), TaskBatch("b", _batch(2), _batch(6))]
+    MetaLearner(plain, _cfg("metaicl", "adamw")).step(tasks)
+    learner = MetaLearner(checkpointed, _cfg("metaicl", "adamw", activation_checkpointing=True))
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    calls = []
+    layers = [m for m in checkpointed.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for layer in layers:
+        original = layer._gradient_checkpointing_func
+        layer._gradient_checkpointing_func = lambda *a, _f=original, **k: calls.append(1) or _f(*a, **k)
+    learner.step(tasks)
+    assert len(calls) == len(layers) * 2  # every layer really ran checkpointed, for both tasks
+    assert not any(m.training for m in checkpointed.modules() if isinstance(m, torch.nn.Dropout))
+    for (n, p), q in zip(plain.named_parameters(), checkpointed.parameters()):
+        assert torch.equal(p, q), n
+
+
+def test_activation_checkpointing_is_refused_where_it_would_be_wrong():
+    from raymeta.errors import UserError
+
+    for method in ("maml_en_llm", "fomaml", "reptile"):
+        with pytest.raises(UserError, match="activation_checkpointing: expected false for method"):
+            TrainConfig(method=method, activation_checkpointing=True).validate()

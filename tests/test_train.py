@@ -138,3 +138,11 @@ def test_bad_override_on_the_command_line(tmp_path, capsys):
     assert "override 'nonsense': expected key=value" in capsys.readouterr().err
     assert main(["train", "--quiet", str(path), "outer.optimizer=adagrad"]) == 2
     assert "outer.optimizer: expected one of sgd, adam, adamw, got 'adagrad'" in capsys.readouterr().err
+
+
+def test_yaml_exponent_floats_and_nested_mappings(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("inner:\n  lr: 3e-5\n  steps: 2\nouter:\n  lr: 1E-4\nbetas: [0.9, 0.95]\n")
+    cfg = load_config(path, ["inner.optimizer=adam", "grad_clip=0"])
+    assert (cfg.inner.lr, cfg.inner.steps, cfg.outer.lr, cfg.betas) == (3e-5, 2, 1e-4, (0.9, 0.95))
+    assert cfg.inner.optimizer == "adam" and cfg.grad_clip == 0.0

@@ -1,0 +1,138 @@
+"""Time and peak memory of one meta-step per method, on the same inputs.
+
+Methods: metaicl, fomaml, maml_en_llm with an SGD inner loop, maml_en_llm with an AdamW inner loop and
+shared moments. Models: a 4-layer GPT-2 with the full 50257-token vocabulary (random weights) and
+SmolLM2-135M. n=2 tasks, K=1, support and query of one 256-token sequence each (the last 16 tokens
+scored). Each (model, method) runs in a fresh process: peak memory is the process's maximum RSS minus
+its RSS just before the step. A 16-token warm-up step precedes the timed one.
+
+    python -m bench.meta_step [--models tiny_gpt2,smollm2] [--tokens 256] [--out bench/results/meta_step.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+METHODS = {
+    "metaicl": ["method=metaicl"],
+    "fomaml": ["method=fomaml", "inner.optimizer=adamw", "moment_policy=shared"],
+    "maml_en_llm_sgd": ["method=maml_en_llm", "inner.optimizer=sgd", "moment_policy=none"],
+    "maml_en_llm_adamw_shared": ["method=maml_en_llm", "inner.optimizer=adamw", "moment_policy=shared"],
+}
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def one(model_name: str, method: str, tokens: int, threads: int | None) -> dict:
+    import torch
+
+    from raymeta.config import load_config
+    from raymeta.meta import Batch, MetaLearner, TaskBatch
+
+    if threads:
+        torch.set_num_threads(threads)
+    if model_name == "smollm2":
+        from raymeta.models import load_model
+
+        model = load_model("builtin")
+    else:
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=256, n_head=4, n_positions=1024)).eval()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    vocab = model.config.vocab_size
+    cfg = load_config(None, [*METHODS[method], "tasks_per_step=2", "inner.steps=1", "inner.lr=1e-5", "outer.lr=1e-5"])
+    learner = MetaLearner(model, cfg)
+
+    def batch(seed: int, length: int) -> Batch:
+        g = torch.Generator().manual_seed(seed)
+        return Batch(torch.randint(0, vocab, (1, length), generator=g), ((length - min(16, length - 1), length),))
+
+    def tasks(length: int) -> list[TaskBatch]:
+        return [TaskBatch(f"t{i}", batch(2 * i, length), batch(2 * i + 1, length)) for i in range(2)]
+
+    learner.step(tasks(16))  # warm-up: first-call overheads out of the timing
+    rss_before = _rss_mb()
+    start = time.perf_counter()
+    metrics = learner.step(tasks(tokens))
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {
+        "model": model_name,
+        "method": method,
+        "params_millions": sum(p.numel() for p in model.parameters()) / 1e6,
+        "seconds": seconds,
+        "peak_extra_mib": peak - rss_before,
+        "rss_before_mib": rss_before,
+        "meta_loss": metrics.query_loss,
+        "grad_norm": metrics.grad_norm,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="tiny_gpt2,smollm2")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", type=Path, default=Path("bench/results/meta_step.json"))
+    ap.add_argument("--one", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(one(args.one[0], args.one[1], args.tokens, args.threads)))
+        return
+
+    from bench.common import environment
+    from raymeta.io import atomic_write_json
+
+    rows = []
+    for model_name in args.models.split(","):
+        for method in args.methods.split(","):
+            cmd = [sys.executable, "-m", "bench.meta_step", "--one", model_name, method, "--tokens", str(args.tokens)]
+            if args.threads:
+                cmd += ["--threads", str(args.threads)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            row = json.loads(proc.stdout.strip().splitlines()[-1])
+            rows.append(row)
+            print(f"{model_name:10s} {method:26s} {row['seconds']:8.2f} s  peak +{row['peak_extra_mib']:8.0f} MiB")
+    ratios = {}
+    for model_name in args.models.split(","):
+        by = {r["method"]: r for r in rows if r["model"] == model_name}
+        if "fomaml" in by:
+            ratios[model_name] = {
+                f"{m}/fomaml": {
+                    "time": by[m]["seconds"] / by["fomaml"]["seconds"],
+                    "peak_memory": by[m]["peak_extra_mib"] / by["fomaml"]["peak_extra_mib"],
+                }
+                for m in by
+                if m.startswith("maml_en_llm")
+            }
+    result = {
+        "benchmark": "meta_step",
+        **environment(),
+        "tasks": 2,
+        "inner_steps": 1,
+        "tokens": args.tokens,
+        "rows": rows,
+        "ratios": ratios,
+    }
+    atomic_write_json(args.out, result)
+    print(json.dumps(ratios, indent=2))
+
+
+if __name__ == "__main__":
+    main()
