@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -81,3 +82,50 @@ def test_smollm2_icl_on_real_bigbench_tasks(assets, tmp_path, capsys):
     # 7-way intent recognition: chance macro-F1 is low; in-context examples change the predictions
     assert any(runs[f"{v}/icl"]["per_task"] != runs[f"{v}/zero-shot"]["per_task"] for v in ("direct", "channel"))
     assert runs["direct/icl"]["unseen_domain"]["n_tasks"] == 1
+
+
+def test_second_order_meta_step_on_smollm2(assets, tmp_path):
+    """One MAML-en-LLM step (AdamW inner, shared moments) on the real model and real BIG-bench pools."""
+    from transformers import AutoModelForCausalLM
+
+    from raymeta.config import load_config
+    from raymeta.train import train
+
+    data = tmp_path / "data"
+    assert (
+        main(
+            [
+                "data",
+                "bigbench",
+                "--quiet",
+                "--home",
+                str(assets.root),
+                "--out",
+                str(data),
+                "--k",
+                "4",
+                "--tasks",
+                "strategyqa,sports_understanding,snarks",
+            ]
+        )
+        == 0
+    )
+    (data / "config" / "mini.json").write_text(json.dumps({"train": ["strategyqa", "sports_understanding"], "test": ["snarks"]}))
+    cfg = load_config(
+        Path("configs/quickstart.yaml"),
+        [
+            f"data={data}",
+            "setting=mini",
+            "k=1",
+            "steps=1",
+            "max_length_per_example=32",
+            "max_length=64",
+            f"out={tmp_path / 'run'}",
+        ],
+    )
+    final = train(cfg, progress=False, root=assets.root)
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
+    assert record["skipped_steps"] == 0 and math.isfinite(record["meta_loss"]) and record["grad_norm"] > 0
+    assert 0.5 < record["support_loss"] < 10  # a pretrained LM on real text, not a random one
+    reloaded = AutoModelForCausalLM.from_pretrained(final / "model")
+    assert reloaded.config.num_hidden_layers == 30
