@@ -18,6 +18,7 @@ import torch
 from bench.common import environment
 from raymeta.assets import paths
 from raymeta.data import DataDir
+from raymeta.eval.icl import predictions_from_losses
 from raymeta.eval.scoring import OptionScorer
 from raymeta.io import atomic_write_json
 from raymeta.models import load_model, load_tokenizer
@@ -54,15 +55,7 @@ def main() -> None:
         timings[name] = time.perf_counter() - start
         print(f"{name}: {timings[name]:.1f} s")
 
-    def predictions(ls: list[float]) -> list[str]:
-        out, at = [], 0
-        for ex, group in zip(tests, per_example):
-            chunk = ls[at : at + len(group)]
-            at += len(group)
-            out.append(ex.options[min(range(len(group)), key=chunk.__getitem__)])
-        return out
-
-    pred_c, pred_n = predictions(losses["prefix_cached"]), predictions(losses["naive"])
+    pred_c, pred_n = predictions_from_losses(tests, losses["prefix_cached"]), predictions_from_losses(tests, losses["naive"])
     result = {
         "benchmark": "prefix_cache",
         **environment(),

@@ -13,6 +13,12 @@ from raymeta.cli import main
 pytestmark = pytest.mark.assets
 
 
+def _build(assets, out, tasks: str) -> None:
+    """Convert real BIG-bench tasks with k=4 files into `out`."""
+    argv = ["data", "bigbench", "--quiet", "--home", str(assets.root), "--out", str(out), "--k", "4", "--tasks", tasks]
+    assert main(argv) == 0
+
+
 def test_fetch_is_idempotent_and_verified(assets, capsys):
     manifest = json.loads((assets.smollm2 / "raymeta_manifest.json").read_text())
     assert 2.0 < manifest["sanity_loss"] < 3.2  # PLATFORM.md: about 2.6 on "The capital of France is Paris."
@@ -23,22 +29,7 @@ def test_fetch_is_idempotent_and_verified(assets, capsys):
 
 def test_smollm2_icl_on_real_bigbench_tasks(assets, tmp_path, capsys):
     data = tmp_path / "data"
-    code = main(
-        [
-            "data",
-            "bigbench",
-            "--quiet",
-            "--home",
-            str(assets.root),
-            "--out",
-            str(data),
-            "--k",
-            "4",
-            "--tasks",
-            "intent_recognition,snarks,strategyqa,sports_understanding",
-        ]
-    )
-    assert code == 0
+    _build(assets, data, "intent_recognition,snarks,strategyqa,sports_understanding")
     (data / "config" / "mini.json").write_text(
         json.dumps(
             {
@@ -92,24 +83,7 @@ def test_second_order_meta_step_on_smollm2(assets, tmp_path):
     from raymeta.train import train
 
     data = tmp_path / "data"
-    assert (
-        main(
-            [
-                "data",
-                "bigbench",
-                "--quiet",
-                "--home",
-                str(assets.root),
-                "--out",
-                str(data),
-                "--k",
-                "4",
-                "--tasks",
-                "strategyqa,sports_understanding,snarks",
-            ]
-        )
-        == 0
-    )
+    _build(assets, data, "strategyqa,sports_understanding,snarks")
     (data / "config" / "mini.json").write_text(json.dumps({"train": ["strategyqa", "sports_understanding"], "test": ["snarks"]}))
     cfg = load_config(
         Path("configs/quickstart.yaml"),

@@ -30,7 +30,15 @@ from raymeta.eval.scoring import OptionScorer
 from raymeta.io import atomic_write_json
 from raymeta.prompts import VARIANTS, PromptBuilder, PromptFormat, Scored, default_max_length
 
-__all__ = ["MODES", "EvalConfig", "LossCache", "model_fingerprint", "evaluate_setting", "markdown_table"]
+__all__ = [
+    "MODES",
+    "EvalConfig",
+    "LossCache",
+    "model_fingerprint",
+    "evaluate_setting",
+    "markdown_table",
+    "predictions_from_losses",
+]
 
 MODES = ("zero-shot", "icl")
 # metaicl: each sequence is left-truncated on its own (MetaICL, exact; sequences that need it cannot
@@ -184,11 +192,16 @@ def _score_task_seed(
         losses = scorer.score(flat)
         if cache is not None:
             cache.put(key, losses)
+    return predictions_from_losses(tests, losses)
+
+
+def predictions_from_losses(tests: Sequence[Example], losses: Sequence[float]) -> list[str]:
+    """The option with the lowest loss for each example, from the losses of all options in order."""
     predictions, at = [], 0
-    for ex, seqs in zip(tests, per_example):
-        option_losses = losses[at : at + len(seqs)]
-        at += len(seqs)
-        predictions.append(ex.options[min(range(len(seqs)), key=option_losses.__getitem__)])
+    for ex in tests:
+        option_losses = losses[at : at + len(ex.options)]
+        at += len(ex.options)
+        predictions.append(ex.options[min(range(len(ex.options)), key=option_losses.__getitem__)])
     return predictions
 
 
