@@ -157,7 +157,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    final = train(cfg, resume=args.resume, progress=not args.quiet, root=args.home)
+    final = train(cfg, resume=args.resume, progress=not args.quiet, root=args.home, address=args.address)
     print(f"final checkpoint: {final}  (evaluate it with: raymeta eval --model {final})")
     return 0
 
@@ -218,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", type=Path, help="YAML config (see configs/)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. inner.steps=2 method=fomaml")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run folder")
+    p.add_argument("--address", default=None, help="join this Ray cluster (default: $RAY_ADDRESS, else an embedded local one)")
     p.add_argument("--threads", type=_positive, default=None, help="torch CPU threads")
     p.set_defaults(func=cmd_train)
 

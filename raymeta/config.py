@@ -26,6 +26,7 @@ METHODS = ("maml_en_llm", "fomaml", "reptile", "metaicl")
 MOMENT_POLICIES = ("none", "init", "shared")
 VARIANTS = ("direct", "channel")
 PRECISIONS = ("fp32", "bf16")
+EXECUTORS = ("auto", "local", "ray")
 
 
 @dataclass
@@ -70,12 +71,21 @@ class TrainConfig:
     checkpoint_every: int = 5
     log_every: int = 1
     out: str = "runs/train"
+    # placement
+    distributed: bool = True  # Ray Train workers; false runs the loop in this process without Ray
+    num_workers: int = 1
+    executor: str = "auto"  # local | ray | auto (ray when a worker has more than one task a step)
+    cpus_per_worker: float = 0.5
+    cpus_per_task: float = 0.5
+    use_gpu: bool = False
+    max_failures: int = 1  # worker failures to recover from (from the last checkpoint)
 
     def validate(self, where: str = "config") -> TrainConfig:
         def bad(key: str, expected: str, got: Any) -> UserError:
             return UserError(f"{where}: {key}: expected {expected}, got {got!r}")
 
         for key, value, allowed in (
+            ("executor", self.executor, EXECUTORS),
             ("method", self.method, METHODS),
             ("variant", self.variant, VARIANTS),
             ("moment_policy", self.moment_policy, MOMENT_POLICIES),
@@ -104,10 +114,16 @@ class TrainConfig:
             ("query_size", self.query_size),
             ("steps", self.steps),
             ("checkpoint_every", self.checkpoint_every),
+            ("num_workers", self.num_workers),
             ("log_every", self.log_every),
         ):
             if count < 1:
                 raise bad(key, "an integer >= 1", count)
+        for key, cpus in (("cpus_per_worker", self.cpus_per_worker), ("cpus_per_task", self.cpus_per_task)):
+            if not cpus > 0:
+                raise bad(key, "a positive number of CPUs (fractions allowed)", cpus)
+        if self.max_failures < -1:
+            raise bad("max_failures", "an integer >= -1 (-1: unlimited)", self.max_failures)
         if not all(0 <= b < 1 for b in self.betas) or len(self.betas) != 2:
             raise bad("betas", "two numbers in [0, 1)", list(self.betas))
         if self.max_examples_per_task is not None and self.max_examples_per_task < self.k + 2:
@@ -134,6 +150,11 @@ class TrainConfig:
                     self.moment_policy,
                 )
         return self
+
+    def executor_for(self, tasks_on_worker: int) -> str:
+        if self.executor != "auto":
+            return self.executor
+        return "ray" if self.distributed and tasks_on_worker > 1 else "local"
 
     def inner_spec(self) -> OptimizerSpec:
         return OptimizerSpec(self.inner.optimizer, self.inner.lr, self.betas, self.eps, self.eps_root, self.weight_decay)

@@ -19,6 +19,7 @@ import json
 import resource
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +31,12 @@ from raymeta.config import TrainConfig, to_dict
 from raymeta.data import DataDir
 from raymeta.errors import UserError
 from raymeta.io import atomic_dir, atomic_write_json, atomic_write_text, home
-from raymeta.meta import MetaLearner, TaskBatch, make_batch
+from raymeta.meta import Accumulator, MetaLearner, TaskBatch, make_batch
 from raymeta.optim import AdamState
 from raymeta.prompts import PromptBuilder, PromptFormat
 from raymeta.sampler import MetaBatchSampler, TaskSample
 
-__all__ = ["latest_checkpoint", "train"]
+__all__ = ["Placement", "latest_checkpoint", "run_loop", "train"]
 
 
 def latest_checkpoint(out: Path) -> Path | None:
@@ -43,28 +44,30 @@ def latest_checkpoint(out: Path) -> Path | None:
     return found[-1].parent if found else None
 
 
-def _save_checkpoint(path: Path, model: Any, tokenizer: Any, learner: MetaLearner, sampler: MetaBatchSampler, step: int) -> None:
-    with atomic_dir(path) as tmp:
-        model.save_pretrained(tmp / "model")
-        tokenizer.save_pretrained(tmp / "model")
-        state = learner.state
-        tensors = {}
-        if state is not None:
-            tensors = {
-                **{f"m.{n}": t.contiguous() for n, t in state.m.items()},
-                **{f"v.{n}": t.contiguous() for n, t in state.v.items()},
-            }
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
-        atomic_write_json(
-            tmp / "state.json",
-            {
-                "step": step,
-                "optimizer_step": state.step if state is not None else 0,
-                "sampler": sampler.state(),
-                "skipped": learner.skipped,
-                "config": to_dict(learner.cfg),
-            },
-        )
+def _write_checkpoint(
+    folder: Path, model: Any, tokenizer: Any, learner: MetaLearner, sampler: MetaBatchSampler, step: int
+) -> None:
+    """Write a checkpoint's files into an existing (temporary) folder."""
+    model.save_pretrained(folder / "model")
+    tokenizer.save_pretrained(folder / "model")
+    state = learner.state
+    tensors = {}
+    if state is not None:
+        tensors = {
+            **{f"m.{n}": t.contiguous() for n, t in state.m.items()},
+            **{f"v.{n}": t.contiguous() for n, t in state.v.items()},
+        }
+    save_file(tensors, str(folder / "optimizer.safetensors"))
+    atomic_write_json(
+        folder / "state.json",
+        {
+            "step": step,
+            "optimizer_step": state.step if state is not None else 0,
+            "sampler": sampler.state(),
+            "skipped": learner.skipped,
+            "config": to_dict(learner.cfg),
+        },
+    )
 
 
 def _load_optimizer(path: Path, names: list[str], step: int) -> AdamState:
@@ -83,25 +86,41 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def train(
+Writer = Callable[[Path], None]
+
+
+@dataclass
+class Placement:
+    """Where the loop runs: rank and world size, how accumulators are summed across workers, how a
+    checkpoint is stored and how metrics are reported. The defaults are one process, no Ray."""
+
+    out: Path
+    rank: int = 0
+    world: int = 1
+    reduce: Callable[[Accumulator, MetaLearner], Accumulator] | None = None
+    report: Callable[[dict[str, Any]], None] | None = None
+
+    def save(self, step: int, write: Writer, record: dict[str, Any]) -> Path:
+        path = self.out / "checkpoints" / f"step-{step:06d}"
+        with atomic_dir(path) as tmp:
+            write(tmp)
+        return path
+
+
+def run_loop(
     cfg: TrainConfig,
+    place: Placement,
     *,
-    resume: bool = False,
-    progress: bool = True,
+    resume_dir: Path | None,
+    progress: bool,
     root: Path | None = None,
     on_step: Callable[[dict[str, Any]], None] | None = None,
-) -> Path:
-    """Run (or resume) meta-training; returns the final checkpoint folder."""
+) -> Path | None:
+    """The meta-training loop shared by one process and every Ray Train worker."""
     from raymeta.assets import paths
-    from raymeta.models import load_model, load_tokenizer
+    from raymeta.executor import make_executor
+    from raymeta.models import load_model, load_tokenizer, resolve_model_dir
 
-    out = Path(cfg.out)
-    ckpt_dir = out / "checkpoints"
-    latest = latest_checkpoint(out)
-    if resume and latest is None:
-        raise UserError(f"--resume: no checkpoint in {ckpt_dir}")
-    if not resume and latest is not None:
-        raise UserError(f"out={out}: holds checkpoints of an earlier run; pass --resume to continue it or choose another out")
     data = DataDir(cfg.data or paths(root or home()).builtin_data)
     setting = data.setting(cfg.setting)
     pools = {task: data.pool_examples(task) for task in setting.train}
@@ -114,60 +133,97 @@ def train(
         seed=cfg.seed,
         max_examples_per_task=cfg.max_examples_per_task,
     )
-    model_spec = str(latest) if latest is not None else cfg.model
+    model_spec = str(resume_dir) if resume_dir is not None else cfg.model
     tokenizer = load_tokenizer(model_spec, root)
     model = load_model(model_spec, root=root)
     for p in model.parameters():
         p.requires_grad_(True)
     learner = MetaLearner(model, cfg)
     start = 0
-    if latest is not None:
-        state = json.loads((latest / "state.json").read_text())
+    if resume_dir is not None:
+        state = json.loads((resume_dir / "state.json").read_text())
         start = state["step"]
         sampler.load_state(state["sampler"])
         learner.skipped = state["skipped"]
         if learner.state is not None:
-            learner.state = _load_optimizer(latest, list(learner.flm.params()), state["optimizer_step"])
+            learner.state = _load_optimizer(resume_dir, list(learner.flm.params()), state["optimizer_step"])
+    shard = len(range(place.rank, cfg.tasks_per_step, place.world))
+    executor = make_executor(cfg.executor_for(shard), str(resolve_model_dir(model_spec, root)), cfg)
 
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    metrics_path = out / "metrics.jsonl"
-    kept = []
-    if metrics_path.is_file():
-        kept = [line for line in metrics_path.read_text().splitlines() if line and json.loads(line)["step"] <= start]
-    atomic_write_text(metrics_path, "".join(line + "\n" for line in kept))
+    lead = place.rank == 0
+    metrics_path = place.out / "metrics.jsonl"
+    if lead:
+        place.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(place.out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        kept = []
+        if metrics_path.is_file():
+            kept = [line for line in metrics_path.read_text().splitlines() if line and json.loads(line)["step"] <= start]
+        atomic_write_text(metrics_path, "".join(line + "\n" for line in kept))
 
     builder = PromptBuilder(tokenizer, PromptFormat(cfg.variant, cfg.max_length_per_example, cfg.max_length))  # type: ignore[arg-type]
-    bar = tqdm(total=cfg.steps, initial=start, desc=f"{cfg.method} meta-training", unit="step", disable=not progress)
-    final = latest
-    with metrics_path.open("a") as log:
-        for step in range(start + 1, cfg.steps + 1):
-            batches = [_tokenize(s, builder) for s in sampler.sample()]
-            began = time.perf_counter()
-            m = learner.step(batches)
-            seconds = time.perf_counter() - began
-            record = {
-                "step": step,
-                "meta_loss": m.query_loss,
-                "support_loss": m.support_loss,
-                "query_loss": m.query_loss,
-                "grad_norm": m.grad_norm,
-                "skipped_steps": learner.skipped,
-                "tokens": m.n_tokens,
-                "seconds": seconds,
-                "tokens_per_s": m.n_tokens / seconds,
-                "meta_steps_per_s": 1 / seconds,
-                "peak_rss_mb": _peak_rss_mb(),
-            }
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            if on_step is not None:
-                on_step(record)
-            bar.update(1)
-            bar.set_postfix(meta_loss=f"{m.query_loss:.3f}", support=f"{m.support_loss:.3f}", skipped=learner.skipped)
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                final = ckpt_dir / f"step-{step:06d}"
-                _save_checkpoint(final, model, tokenizer, learner, sampler, step)
+    bar = tqdm(total=cfg.steps, initial=start, desc=f"{cfg.method} meta-training", unit="step", disable=not (progress and lead))
+    final = resume_dir
+    for step in range(start + 1, cfg.steps + 1):
+        mine = sampler.sample()[place.rank :: place.world]  # every worker draws the same global batch
+        began = time.perf_counter()
+        acc = executor.accumulate(learner, [_tokenize(s, builder) for s in mine])
+        if place.reduce is not None:
+            acc = place.reduce(acc, learner)
+        m = learner.apply(acc)
+        seconds = time.perf_counter() - began
+        record = {
+            "step": step,
+            "meta_loss": m.query_loss,
+            "support_loss": m.support_loss,
+            "query_loss": m.query_loss,
+            "grad_norm": m.grad_norm,
+            "skipped_steps": learner.skipped,
+            "tokens": m.n_tokens,
+            "seconds": seconds,
+            "tokens_per_s": m.n_tokens / seconds,
+            "meta_steps_per_s": 1 / seconds,
+            "peak_rss_mb": _peak_rss_mb(),
+        }
+        if lead:
+            with metrics_path.open("a") as log:
+                log.write(json.dumps(record) + "\n")
+        if on_step is not None:
+            on_step(record)
+        bar.update(1)
+        bar.set_postfix(meta_loss=f"{m.query_loss:.3f}", support=f"{m.support_loss:.3f}", skipped=learner.skipped)
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+
+            def write(folder: Path, at: int = step) -> None:
+                _write_checkpoint(folder, model, tokenizer, learner, sampler, at)
+
+            final = place.save(step, write, record)
+        elif place.report is not None and step % cfg.log_every == 0:
+            place.report(record)
     bar.close()
+    return final
+
+
+def train(
+    cfg: TrainConfig,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    root: Path | None = None,
+    address: str | None = None,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
+) -> Path:
+    """Run (or resume) meta-training, on Ray Train workers or (distributed=false) in this process;
+    returns the final checkpoint folder."""
+    out = Path(cfg.out).resolve()
+    latest = latest_checkpoint(out)
+    if resume and latest is None:
+        raise UserError(f"--resume: no checkpoint in {out / 'checkpoints'}")
+    if not resume and latest is not None:
+        raise UserError(f"out={cfg.out}: holds checkpoints of an earlier run; pass --resume to continue it or choose another out")
+    if cfg.distributed:
+        from raymeta.distributed import fit
+
+        return fit(cfg, out, latest, address=address, progress=progress, root=root)
+    final = run_loop(cfg, Placement(out), resume_dir=latest, progress=progress, root=root, on_step=on_step)
     assert final is not None
     return final

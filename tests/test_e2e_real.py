@@ -94,6 +94,7 @@ def test_second_order_meta_step_on_smollm2(assets, tmp_path):
             "steps=1",
             "max_length_per_example=32",
             "max_length=64",
+            "distributed=false",
             f"out={tmp_path / 'run'}",
         ],
     )

@@ -35,6 +35,7 @@ def _cfg(tmp_path: Path, model_dir: Path, data: Path, out: str, *extra: str):
         "checkpoint_every=2",
         "inner.lr=0.001",
         "outer.lr=0.001",
+        "distributed=false",
         *extra,
     ]
     return load_config(None, overrides)

@@ -1,0 +1,137 @@
+"""Meta-training on Ray Train: N workers shard each meta-step's tasks, sum their results, step together.
+
+Every worker draws the same global batch of tasks (the sampler is seeded identically) and takes the
+tasks `rank, rank + N, ...`. Their accumulators (meta-gradient sums, inner-moment sums, losses,
+counts) are summed with `torch.distributed.all_reduce` as one flat buffer -- DDP's wrapper cannot do
+double backward, so there is none -- and every worker applies the same outer step. Rank 0 reports a
+checkpoint through `ray.train.report` every `checkpoint_every` steps into `out/checkpoints/step-N`
+(Ray's storage is the checkpoint store); after a worker dies, `FailureConfig` restarts the workers
+from the last one. `ray.init()` starts an embedded local cluster unless an address (or RAY_ADDRESS) is given.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from raymeta.config import TrainConfig, apply_overrides, to_dict
+from raymeta.errors import UserError
+from raymeta.meta import Accumulator, MetaLearner
+from raymeta.train import Placement, run_loop
+
+__all__ = ["all_reduce", "fit"]
+
+_FAULT_ENV = "RAYMETA_FAULT_AT_STEP"  # a test hook: "STEP:MARKER_FILE" kills rank 0 once after that step
+
+
+def all_reduce(acc: Accumulator, learner: MetaLearner) -> Accumulator:
+    """Sum accumulators across the Ray Train workers (a worker may hold no task this step)."""
+    import torch.distributed as dist
+
+    params = learner.flm.params()
+    names = list(params)
+    parts = [acc.grads]
+    if learner.cfg.moment_policy == "shared" and learner.state is not None and learner.cfg.method != "metaicl":
+        parts += [acc.m, acc.v]
+    flat = torch.cat(
+        [torch.cat([p.get(n, torch.zeros_like(params[n])).detach().reshape(-1).to(torch.float32) for n in names]) for p in parts]
+    )
+    scalars = torch.tensor(
+        [acc.n, acc.support_loss, acc.query_loss, acc.n_tokens, 0.0 if acc.finite else 1.0], dtype=torch.float64
+    )
+    dist.all_reduce(flat)
+    dist.all_reduce(scalars)
+    out = Accumulator()
+    out.n, out.support_loss, out.query_loss = int(scalars[0]), float(scalars[1]), float(scalars[2])
+    out.n_tokens, out.finite = int(scalars[3]), bool(scalars[4] == 0)
+    at = 0
+    for target in [out.grads, out.m, out.v][: len(parts)]:
+        for n in names:
+            size = params[n].numel()
+            target[n] = flat[at : at + size].view_as(params[n]).to(params[n].dtype)
+            at += size
+    return out
+
+
+def _worker(config: dict[str, Any]) -> None:
+    import ray.train
+
+    cfg = apply_overrides(TrainConfig(), config["cfg"], "config")
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    out = Path(config["out"])
+
+    fault = config.get("fault")
+
+    def crash_once(step: int) -> None:
+        """Test hook (RAYMETA_FAULT_AT_STEP=STEP:MARKER): rank 0 dies once, after step STEP."""
+        if fault and rank == 0:
+            at, marker = fault.split(":", 1)
+            if step == int(at) and not os.path.exists(marker):
+                Path(marker).touch()
+                os._exit(1)
+
+    def report(record: dict[str, Any]) -> None:
+        ray.train.report(record)
+        crash_once(record["step"])
+
+    class RayPlacement(Placement):
+        def save(self, step: int, write: Any, record: dict[str, Any]) -> Path:
+            name = f"step-{step:06d}"
+            if self.rank == 0:
+                with tempfile.TemporaryDirectory() as tmp:
+                    write(Path(tmp))
+                    ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
+            else:
+                ray.train.report(record)
+            crash_once(step)
+            return out / "checkpoints" / name
+
+    resume_dir = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        resume_dir = Path(checkpoint.path)
+    run_loop(
+        cfg,
+        RayPlacement(out, rank, world, all_reduce if world > 1 else None, report),
+        resume_dir=resume_dir,
+        progress=False,
+        root=Path(config["root"]) if config["root"] else None,
+    )
+
+
+def fit(cfg: TrainConfig, out: Path, latest: Path | None, *, address: str | None, progress: bool, root: Path | None) -> Path:
+    """Run meta-training as a Ray Train job; returns the final checkpoint folder."""
+    import ray
+    from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")  # report latency: ~2 s otherwise
+    if not ray.is_initialized():
+        try:
+            ray.init(address=address or os.environ.get("RAY_ADDRESS"), include_dashboard=None, log_to_driver=progress)
+        except ConnectionError as e:
+            raise UserError(f"--address {address}: cannot connect to a Ray cluster ({e})") from None
+    resources: dict[str, float] = {"CPU": cfg.cpus_per_worker}
+    config = {"cfg": to_dict(cfg), "out": str(out), "root": str(root) if root else None, "fault": os.environ.get(_FAULT_ENV)}
+    trainer = TorchTrainer(
+        _worker,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name="checkpoints",
+            storage_path=str(out),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+        ),
+        resume_from_checkpoint=Checkpoint(str(latest)) if latest is not None else None,
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    if result.checkpoint is None:
+        raise UserError(f"out={out}: the run finished without a checkpoint")
+    return Path(result.checkpoint.path)

@@ -1,0 +1,110 @@
+"""Where the per-task inner adaptations run: in the calling process, or as parallel Ray tasks.
+
+`local` runs the tasks one after another in this process. `ray` puts the weights and the optimizer
+state into the object store once per meta-step (numpy arrays, read zero-copy by the tasks) and runs
+one Ray task per meta-task: the whole inner loop and the query backward run inside the task (autograd
+graphs cannot cross processes), which returns its meta-gradient and final inner moments. The model
+object (the architecture; the weights are replaced by the ones passed in) is cached per Ray worker
+process. Tasks are pure functions of their inputs, so Ray retries them when their process dies; they
+are scheduled on the caller's node (soft affinity) with `cpus_per_task` CPUs each.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from raymeta.config import TrainConfig, to_dict
+from raymeta.meta import Accumulator, FunctionalLM, MetaLearner, TaskBatch, TaskResult, task_meta_gradient
+from raymeta.optim import AdamState
+
+__all__ = ["LocalExecutor", "RayExecutor", "make_executor"]
+
+
+class LocalExecutor:
+    def accumulate(self, learner: MetaLearner, batches: Sequence[TaskBatch]) -> Accumulator:
+        return learner.accumulate(batches)
+
+
+_MODELS: dict[str, tuple[torch.nn.Module, FunctionalLM]] = {}
+
+
+def _numpy(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    return {n: t.detach().cpu().numpy() for n, t in tensors.items()}
+
+
+def _torch(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    with warnings.catch_warnings():  # object-store arrays are read-only; nothing writes to them in place
+        warnings.simplefilter("ignore", UserWarning)
+        return {n: torch.from_numpy(a) for n, a in arrays.items()}
+
+
+def _run_task(
+    model_dir: str, params: dict[str, np.ndarray], state: dict[str, Any] | None, batch: TaskBatch, cfg_dict: dict[str, Any]
+) -> dict[str, Any]:
+    """The body of one Ray task (module level so that it pickles by reference)."""
+    from raymeta.config import apply_overrides
+    from raymeta.models import load_model
+
+    marker = os.environ.get("RAYMETA_FAULT_IN_TASK")  # a test hook: the first task to run dies once
+    if marker and not os.path.exists(marker):
+        open(marker, "w").close()
+        os._exit(1)
+    cfg = apply_overrides(TrainConfig(), dict(cfg_dict), "task")
+    if model_dir not in _MODELS:
+        model = load_model(model_dir)
+        _MODELS[model_dir] = (model, FunctionalLM(model, math_attention=cfg.method == "maml_en_llm"))
+    _, flm = _MODELS[model_dir]
+    theta = {n: t.requires_grad_() for n, t in _torch(params).items()}
+    outer = AdamState(_torch(state["m"]), _torch(state["v"]), state["step"]) if state is not None else None
+    r = task_meta_gradient(flm, theta, outer, batch, cfg)
+    return {
+        "grads": _numpy(r.grads),
+        "m": _numpy(r.inner_state.m) if r.inner_state is not None else None,
+        "v": _numpy(r.inner_state.v) if r.inner_state is not None else None,
+        "step": r.inner_state.step if r.inner_state is not None else 0,
+        "support_loss": r.support_loss,
+        "query_loss": r.query_loss,
+        "n_tokens": r.n_tokens,
+    }
+
+
+class RayExecutor:
+    def __init__(self, model_dir: str, cfg: TrainConfig, runtime_env: dict[str, Any] | None = None) -> None:
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        self.model_dir = model_dir
+        self.cfg_dict = to_dict(cfg)
+        node = ray.get_runtime_context().get_node_id()
+        self.remote = ray.remote(_run_task).options(
+            num_cpus=cfg.cpus_per_task,
+            num_gpus=0,
+            max_retries=3,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=True),
+            runtime_env=runtime_env,
+        )
+
+    def accumulate(self, learner: MetaLearner, batches: Sequence[TaskBatch]) -> Accumulator:
+        import ray
+
+        acc = Accumulator()
+        if not batches:
+            return acc
+        params_ref = ray.put(_numpy(learner.flm.params()))
+        state = learner.state
+        state_ref: Any = ray.put({"m": _numpy(state.m), "v": _numpy(state.v), "step": state.step}) if state is not None else None
+        refs = [self.remote.remote(self.model_dir, params_ref, state_ref, b, self.cfg_dict) for b in batches]
+        for out in ray.get(refs):
+            inner = AdamState(_torch(out["m"]), _torch(out["v"]), out["step"]) if out["m"] is not None else None
+            acc.add(TaskResult(_torch(out["grads"]), inner, out["support_loss"], out["query_loss"], out["n_tokens"]))
+        return acc
+
+
+def make_executor(kind: str, model_dir: str, cfg: TrainConfig) -> LocalExecutor | RayExecutor:
+    return RayExecutor(model_dir, cfg) if kind == "ray" else LocalExecutor()

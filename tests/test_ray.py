@@ -1,0 +1,125 @@
+"""Ray placement: Ray-task executor vs local, task retries, 1 vs 2 Train workers, worker failure recovery.
+
+One local Ray instance for the module (2 CPUs, no dashboard), shut down at the end: the tests start and
+stop only their own Ray processes.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from raymeta.config import load_config
+from raymeta.executor import LocalExecutor, RayExecutor
+from raymeta.meta import MetaLearner, TaskBatch
+from raymeta.train import train
+from tests.conftest import make_data_dir, tiny_gpt2
+from tests.test_meta import _batch
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory, gpt2_tokenizer):
+    root = tmp_path_factory.mktemp("tiny")
+    tiny_gpt2().save_pretrained(root / "model")
+    gpt2_tokenizer.save_pretrained(root / "model")
+    make_data_dir(root / "data", k=4)
+    return root
+
+
+def _cfg(root, out: str, *extra: str):
+    return load_config(
+        None,
+        [
+            f"model={root / 'model'}",
+            f"data={root / 'data'}",
+            "setting=toy",
+            f"out={root / out}",
+            "k=2",
+            "tasks_per_step=2",
+            "max_length=256",
+            "checkpoint_every=2",
+            "inner.lr=0.001",
+            "outer.lr=0.001",
+            "steps=4",
+            *extra,
+        ],
+    )
+
+
+def _weights(final) -> dict[str, torch.Tensor]:
+    return load_file(str(final / "model" / "model.safetensors"))
+
+
+def _learner(root):
+    from raymeta.models import load_model
+
+    model = load_model(str(root / "model"))
+    for p in model.parameters():
+        p.requires_grad_(True)
+    cfg = load_config(None, ["method=maml_en_llm", "moment_policy=shared", "inner.steps=2"])
+    return MetaLearner(model, cfg), cfg
+
+
+def _tasks() -> list[TaskBatch]:
+    return [TaskBatch(f"t{i}", _batch(2 * i, length=9), _batch(2 * i + 1, length=9)) for i in range(3)]
+
+
+@pytest.fixture()
+def one_thread():
+    """Ray workers run one BLAS thread. Second-order AdamW meta-gradients amplify summation-order
+    differences (1 vs 2 threads: up to 3e-3 on this model), so the driver matches them for comparisons."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_ray_executor_gives_the_local_meta_gradient(ray_local, tiny_folder, tmp_path, one_thread):
+    learner, cfg = _learner(tiny_folder)
+    local = LocalExecutor().accumulate(learner, _tasks())
+    marker = tmp_path / "task-crashed"
+    remote = RayExecutor(str(tiny_folder / "model"), cfg, runtime_env={"env_vars": {"RAYMETA_FAULT_IN_TASK": str(marker)}})
+    ray_acc = remote.accumulate(learner, _tasks())
+    assert marker.exists()  # one task's process died and Ray retried it
+    assert ray_acc.n == local.n == 3 and ray_acc.finite
+    for name in local.grads:
+        torch.testing.assert_close(ray_acc.grads[name], local.grads[name], rtol=0, atol=1e-6)
+        torch.testing.assert_close(ray_acc.m[name], local.m[name], rtol=0, atol=1e-6)
+    assert ray_acc.query_loss == pytest.approx(local.query_loss, abs=1e-6)
+
+
+def test_two_workers_follow_the_one_worker_trajectory(ray_local, tiny_folder):
+    one = _weights(train(_cfg(tiny_folder, "one", "num_workers=1"), progress=False))
+    two = _weights(train(_cfg(tiny_folder, "two", "num_workers=2"), progress=False))
+    start = load_file(str(tiny_folder / "model" / "model.safetensors"))
+    assert any(not torch.equal(one[n], start[n]) for n in one)
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-6)
+
+
+def test_a_killed_worker_is_restarted_and_the_run_ends_where_an_uninterrupted_one_does(
+    ray_local, tiny_folder, tmp_path, monkeypatch
+):
+    straight = _weights(train(_cfg(tiny_folder, "straight", "num_workers=1", "executor=ray"), progress=False))
+    marker = tmp_path / "worker-crashed"
+    monkeypatch.setenv("RAYMETA_FAULT_AT_STEP", f"3:{marker}")  # after step 3, between the checkpoints at 2 and 4
+    final = train(_cfg(tiny_folder, "crashed", "num_workers=1", "executor=ray", "max_failures=1"), progress=False)
+    assert marker.exists()
+    recovered = _weights(final)
+    for name in straight:
+        assert torch.equal(recovered[name], straight[name]), name
+    steps = [line for line in (tiny_folder / "crashed" / "metrics.jsonl").read_text().splitlines() if line]
+    assert len(steps) == 4  # step 3 was redone from the checkpoint at step 2, and logged once
