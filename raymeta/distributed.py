@@ -57,6 +57,24 @@ def all_reduce(acc: Accumulator, learner: MetaLearner) -> Accumulator:
     return out
 
 
+METRICS = (
+    "meta_loss",
+    "support_loss",
+    "query_loss",
+    "grad_norm",
+    "skipped_steps",
+    "tokens_per_s",
+    "meta_steps_per_s",
+    "peak_rss_mb",
+)
+
+
+def _gauges() -> dict[str, Any]:
+    from ray.util.metrics import Gauge
+
+    return {key: Gauge(f"raymeta_{key}", description=f"raymeta meta-training: {key}", tag_keys=("run",)) for key in METRICS}
+
+
 def _worker(config: dict[str, Any]) -> None:
     import ray.train
 
@@ -74,6 +92,21 @@ def _worker(config: dict[str, Any]) -> None:
             if step == int(at) and not os.path.exists(marker):
                 Path(marker).touch()
                 os._exit(1)
+
+    gauges = _gauges() if rank == 0 else {}
+
+    def publish(record: dict[str, Any]) -> None:
+        """Rank 0: Ray metrics (dashboard, Prometheus) and a progress line on the driver."""
+        if rank != 0:
+            return
+        for key, gauge in gauges.items():
+            gauge.set(float(record[key]), tags={"run": out.name})
+        print(
+            f"[raymeta] step {record['step']}/{cfg.steps} meta_loss {record['meta_loss']:.4f} support_loss "
+            f"{record['support_loss']:.4f} grad_norm {record['grad_norm']:.3g} tokens/s {record['tokens_per_s']:.0f} "
+            f"skipped {record['skipped_steps']}",
+            flush=True,
+        )
 
     def report(record: dict[str, Any]) -> None:
         ray.train.report(record)
@@ -95,13 +128,9 @@ def _worker(config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         resume_dir = Path(checkpoint.path)
-    run_loop(
-        cfg,
-        RayPlacement(out, rank, world, all_reduce if world > 1 else None, report),
-        resume_dir=resume_dir,
-        progress=False,
-        root=Path(config["root"]) if config["root"] else None,
-    )
+    place = RayPlacement(out, rank, world, all_reduce if world > 1 else None, report)
+    root = Path(config["root"]) if config["root"] else None
+    run_loop(cfg, place, resume_dir=resume_dir, progress=False, root=root, on_step=publish)
 
 
 def fit(cfg: TrainConfig, out: Path, latest: Path | None, *, address: str | None, progress: bool, root: Path | None) -> Path:
