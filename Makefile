@@ -17,11 +17,21 @@ $(STAMP): pyproject.toml
 
 env: $(STAMP)
 
+EVAL = --setting bb_class_to_class --k 4 --variants direct --modes icl --max-test-examples 10
+TRAIN = $(BIN)/raymeta train configs/main.yaml
+
 run: $(STAMP)
 	@echo "==> fetching and verifying the real assets (SmolLM2-135M, GPT-2 BPE, BIG-bench; cached after the first run)"
 	$(BIN)/raymeta fetch
-	@echo "==> main job: MetaICL evaluation of raw SmolLM2-135M on the built-in setting bb_class_to_class"
-	$(BIN)/raymeta eval --setting bb_class_to_class --max-test-examples 10 --truncation shared --out runs/main
+	@echo "==> MAML-en-LLM meta-training of SmolLM2 on Ray (configs/main.yaml); resumes if interrupted"
+	$(TRAIN) $$(test -d runs/main/maml_en_llm/checkpoints && echo --resume)
+	@echo "==> MetaICL on the same budget"
+	$(TRAIN) method=metaicl out=runs/main/metaicl $$(test -d runs/main/metaicl/checkpoints && echo --resume)
+	@echo "==> evaluating the raw model and both meta-trained models (k=4, 5 seeds, 10 test examples per task)"
+	$(BIN)/raymeta eval --model builtin $(EVAL) --out runs/main/eval-raw
+	$(BIN)/raymeta eval --model runs/main/maml_en_llm/checkpoints/step-000015 $(EVAL) --out runs/main/eval-maml_en_llm
+	$(BIN)/raymeta eval --model runs/main/metaicl/checkpoints/step-000015 $(EVAL) --out runs/main/eval-metaicl
+	$(BIN)/raymeta table runs/main/eval-raw runs/main/eval-maml_en_llm runs/main/eval-metaicl
 
 lint: $(STAMP)
 	@echo "==> ruff and mypy"

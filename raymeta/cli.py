@@ -162,6 +162,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_table(args: argparse.Namespace) -> int:
+    import json
+
+    from raymeta.eval.icl import comparison_table
+
+    named = []
+    for path in args.results:
+        file = path / "results.json" if path.is_dir() else path
+        try:
+            named.append((file.parent.name, json.loads(file.read_text())))
+        except (OSError, json.JSONDecodeError) as e:
+            raise UserError(f"{file}: not a readable results.json ({e})") from None
+        if "runs" not in named[-1][1]:
+            raise UserError(f"{file}: not a raymeta eval results.json (no 'runs')")
+    print(comparison_table(named))
+    return 0
+
+
 # --- parser --------------------------------------------------------------------------------------
 
 
@@ -207,6 +225,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=_positive, default=16, help="k of the target tasks' files (default 16)")
     p.add_argument("--seeds", type=_int_list, default=(100, 13, 21, 42, 87), help="seeds (default 100,13,21,42,87)")
     p.set_defaults(func=cmd_data_check)
+
+    p = sub.add_parser(
+        "table",
+        help="one summary table from several evaluations",
+        description="Print one Markdown table of the summary rows of several `raymeta eval` outputs (labelled by folder).",
+    )
+    p.add_argument("results", type=Path, nargs="+", help="results.json files or the folders holding them")
+    p.set_defaults(func=cmd_table)
 
     p = sub.add_parser(
         "train",
@@ -278,6 +304,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("raymeta: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into a reader that stopped early (| head)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

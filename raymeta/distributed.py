@@ -124,6 +124,16 @@ def _worker(config: dict[str, Any]) -> None:
             crash_once(step)
             return out / "checkpoints" / name
 
+    import socket
+
+    from raymeta.io import atomic_write_json
+
+    shard = len(range(rank, cfg.tasks_per_step, world))
+    node = ray.get_runtime_context().get_node_id()
+    atomic_write_json(
+        out / "placement" / f"rank-{rank}.json",
+        {"rank": rank, "world": world, "node_id": node, "hostname": socket.gethostname(), "executor": cfg.executor_for(shard)},
+    )
     resume_dir = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:

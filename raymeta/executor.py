@@ -63,11 +63,12 @@ def _run_task(
     theta = {n: t.requires_grad_() for n, t in _torch(params).items()}
     outer = AdamState(_torch(state["m"]), _torch(state["v"]), state["step"]) if state is not None else None
     r = task_meta_gradient(flm, theta, outer, batch, cfg)
+    inner = r.inner_state if cfg.moment_policy == "shared" else None  # only `shared` needs the moments back
     return {
         "grads": _numpy(r.grads),
-        "m": _numpy(r.inner_state.m) if r.inner_state is not None else None,
-        "v": _numpy(r.inner_state.v) if r.inner_state is not None else None,
-        "step": r.inner_state.step if r.inner_state is not None else 0,
+        "m": _numpy(inner.m) if inner is not None else None,
+        "v": _numpy(inner.v) if inner is not None else None,
+        "step": inner.step if inner is not None else 0,
         "support_loss": r.support_loss,
         "query_loss": r.query_loss,
         "n_tokens": r.n_tokens,
@@ -99,10 +100,15 @@ class RayExecutor:
         params_ref = ray.put(_numpy(learner.flm.params()))
         state = learner.state
         state_ref: Any = ray.put({"m": _numpy(state.m), "v": _numpy(state.v), "step": state.step}) if state is not None else None
-        refs = [self.remote.remote(self.model_dir, params_ref, state_ref, b, self.cfg_dict) for b in batches]
-        for out in ray.get(refs):
+        refs: list[Any] = [self.remote.remote(self.model_dir, params_ref, state_ref, b, self.cfg_dict) for b in batches]
+        # Results are summed in task order (a deterministic sum) and each is released once added, so the
+        # object store never holds every task's gradient and moments at once.
+        for i in range(len(refs)):
+            out = ray.get(refs[i])
+            refs[i] = None
             inner = AdamState(_torch(out["m"]), _torch(out["v"]), out["step"]) if out["m"] is not None else None
             acc.add(TaskResult(_torch(out["grads"]), inner, out["support_loss"], out["query_loss"], out["n_tokens"]))
+            del out, inner
         return acc
 
 

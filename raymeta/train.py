@@ -220,6 +220,8 @@ def train(
         raise UserError(f"--resume: no checkpoint in {out / 'checkpoints'}")
     if not resume and latest is not None:
         raise UserError(f"out={cfg.out}: holds checkpoints of an earlier run; pass --resume to continue it or choose another out")
+    if latest is not None and json.loads((latest / "state.json").read_text())["step"] >= cfg.steps:
+        return latest  # already finished: nothing to resume
     if cfg.distributed:
         from raymeta.distributed import fit
 

@@ -325,3 +325,17 @@ def markdown_table(results: dict[str, Any], title: str | None = None) -> str:
         lines.append(f"| {task}{star} | {first['metric']} | " + " | ".join(cells) + " |")
     lines += ["", "\\* unseen-domain target. Scores in %: macro-F1 (classification) or accuracy (multiple choice)."]
     return "\n".join(lines) + "\n"
+
+
+def comparison_table(named: Sequence[tuple[str, dict[str, Any]]]) -> str:
+    """One summary row per (model, prompt/mode) over several evaluations of the same setting."""
+    settings = {r["setting"] for _, r in named}
+    lines = [f"### {', '.join(sorted(settings))}", ""]
+    lines += ["| model | prompt | all: mean | all: worst | unseen: mean | unseen: worst |", "|---|---|---:|---:|---:|---:|"]
+    for label, results in named:
+        for name, run in results["runs"].items():
+            a, u = run["all"], run["unseen_domain"] or {}
+            lines.append(
+                f"| {label} | {name} | {_pct(a['mean'])} | {_pct(a['worst'])} | {_pct(u.get('mean'))} | {_pct(u.get('worst'))} |"
+            )
+    return "\n".join(lines) + "\n"
