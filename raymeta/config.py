@@ -79,6 +79,7 @@ class TrainConfig:
     cpus_per_task: float = 0.5
     use_gpu: bool = False
     max_failures: int = 1  # worker failures to recover from (from the last checkpoint)
+    placement_strategy: str = "PACK"  # PACK | SPREAD (one worker per node where possible)
 
     def validate(self, where: str = "config") -> TrainConfig:
         def bad(key: str, expected: str, got: Any) -> UserError:
@@ -86,6 +87,7 @@ class TrainConfig:
 
         for key, value, allowed in (
             ("executor", self.executor, EXECUTORS),
+            ("placement_strategy", self.placement_strategy, ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")),
             ("method", self.method, METHODS),
             ("variant", self.variant, VARIANTS),
             ("moment_policy", self.moment_policy, MOMENT_POLICIES),

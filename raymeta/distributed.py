@@ -156,11 +156,23 @@ def fit(cfg: TrainConfig, out: Path, latest: Path | None, *, address: str | None
         except ConnectionError as e:
             raise UserError(f"--address {address}: cannot connect to a Ray cluster ({e})") from None
     resources: dict[str, float] = {"CPU": cfg.cpus_per_worker}
+    total = ray.cluster_resources().get("CPU", 0.0)
+    need = cfg.num_workers * cfg.cpus_per_worker + (cfg.cpus_per_task if cfg.executor != "local" else 0.0)
+    if need > total:
+        raise UserError(
+            f"num_workers x cpus_per_worker (+ cpus_per_task for Ray tasks) = {need:g} CPUs, but the Ray cluster has {total:g}: "
+            "the run would wait forever; lower them (fractions allowed) or add nodes"
+        )
     config = {"cfg": to_dict(cfg), "out": str(out), "root": str(root) if root else None, "fault": os.environ.get(_FAULT_ENV)}
     trainer = TorchTrainer(
         _worker,
         train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.num_workers,
+            use_gpu=cfg.use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=cfg.placement_strategy,
+        ),
         run_config=RunConfig(
             name="checkpoints",
             storage_path=str(out),

@@ -107,6 +107,23 @@ class Placement:
         return path
 
 
+def _sampler(cfg: TrainConfig, root: Path | None) -> MetaBatchSampler:
+    from raymeta.assets import paths
+
+    data = DataDir(cfg.data or paths(root or home()).builtin_data)
+    setting = data.setting(cfg.setting)
+    pools = {task: data.pool_examples(task) for task in setting.train}
+    return MetaBatchSampler(
+        pools,
+        k=cfg.k,
+        tasks_per_step=cfg.tasks_per_step,
+        support_size=cfg.support_size,
+        query_size=cfg.query_size,
+        seed=cfg.seed,
+        max_examples_per_task=cfg.max_examples_per_task,
+    )
+
+
 def run_loop(
     cfg: TrainConfig,
     place: Placement,
@@ -117,22 +134,10 @@ def run_loop(
     on_step: Callable[[dict[str, Any]], None] | None = None,
 ) -> Path | None:
     """The meta-training loop shared by one process and every Ray Train worker."""
-    from raymeta.assets import paths
     from raymeta.executor import make_executor
     from raymeta.models import load_model, load_tokenizer, resolve_model_dir
 
-    data = DataDir(cfg.data or paths(root or home()).builtin_data)
-    setting = data.setting(cfg.setting)
-    pools = {task: data.pool_examples(task) for task in setting.train}
-    sampler = MetaBatchSampler(
-        pools,
-        k=cfg.k,
-        tasks_per_step=cfg.tasks_per_step,
-        support_size=cfg.support_size,
-        query_size=cfg.query_size,
-        seed=cfg.seed,
-        max_examples_per_task=cfg.max_examples_per_task,
-    )
+    sampler = _sampler(cfg, root)
     model_spec = str(resume_dir) if resume_dir is not None else cfg.model
     tokenizer = load_tokenizer(model_spec, root)
     model = load_model(model_spec, root=root)
@@ -224,6 +229,11 @@ def train(
         return latest  # already finished: nothing to resume
     if cfg.distributed:
         from raymeta.distributed import fit
+        from raymeta.models import resolve_model_dir
+
+        # pre-flight on the driver: bad data, setting or model fail here in one line, not inside a Ray worker
+        _sampler(cfg, root)
+        resolve_model_dir(str(latest) if latest is not None else cfg.model, root)
 
         return fit(cfg, out, latest, address=address, progress=progress, root=root)
     final = run_loop(cfg, Placement(out), resume_dir=latest, progress=progress, root=root, on_step=on_step)

@@ -123,3 +123,23 @@ def test_a_killed_worker_is_restarted_and_the_run_ends_where_an_uninterrupted_on
         assert torch.equal(recovered[name], straight[name]), name
     steps = [line for line in (tiny_folder / "crashed" / "metrics.jsonl").read_text().splitlines() if line]
     assert len(steps) == 4  # step 3 was redone from the checkpoint at step 2, and logged once
+
+
+def test_bad_setup_fails_on_the_driver_in_one_line_before_ray_starts(tiny_folder, capsys):
+    from raymeta.cli import main
+
+    cfg = tiny_folder / "c.yaml"
+    cfg.write_text(
+        f"model: {tiny_folder / 'model'}\ndata: {tiny_folder / 'data'}\nsetting: toy\nout: {tiny_folder / 'bad'}\nk: 2\n"
+        "tasks_per_step: 5\n"
+    )
+    assert main(["train", "--quiet", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert err == "raymeta: error: tasks_per_step: expected at most the 2 meta-train tasks, got 5\n"
+
+
+def test_too_few_cpus_for_workers_and_tasks_is_refused(ray_local, tiny_folder):
+    from raymeta.errors import UserError
+
+    with pytest.raises(UserError, match="= 2.5 CPUs, but the Ray cluster has 2: the run would wait forever"):
+        train(_cfg(tiny_folder, "greedy", "num_workers=2", "cpus_per_worker=1", "executor=ray"), progress=False)

@@ -32,7 +32,7 @@ def test_training_spreads_over_two_nodes(two_nodes, tmp_path, gpt2_tokenizer):
     tiny_gpt2().save_pretrained(tmp_path / "model")
     gpt2_tokenizer.save_pretrained(tmp_path / "model")
     make_data_dir(tmp_path / "data", k=4)
-    # one CPU per node: 0.5 for each Train worker, 0.5 for its Ray tasks -> one worker per node
+    # one CPU per node: 0.5 for each Train worker, 0.5 for its Ray task -> one worker per node
     cfg = load_config(
         None,
         [
@@ -45,7 +45,8 @@ def test_training_spreads_over_two_nodes(two_nodes, tmp_path, gpt2_tokenizer):
             "checkpoint_every=2",
             "max_length=256",
             "num_workers=2",
-            "tasks_per_step=4",
+            "tasks_per_step=2",
+            "placement_strategy=SPREAD",
             "executor=ray",
             "cpus_per_worker=0.5",
             "cpus_per_task=0.5",
