@@ -147,3 +147,9 @@ def test_yaml_exponent_floats_and_nested_mappings(tmp_path):
     cfg = load_config(path, ["inner.optimizer=adam", "grad_clip=0"])
     assert (cfg.inner.lr, cfg.inner.steps, cfg.outer.lr, cfg.betas) == (3e-5, 2, 1e-4, (0.9, 0.95))
     assert cfg.inner.optimizer == "adam" and cfg.grad_clip == 0.0
+
+
+@pytest.mark.parametrize("name", ["quickstart", "main", "gpu_cluster"])
+def test_shipped_configs_load_and_validate(name):
+    cfg = load_config(Path("configs") / f"{name}.yaml")
+    assert cfg.method == "maml_en_llm" and cfg.moment_policy == "shared"
