@@ -9,7 +9,7 @@ import time
 from importlib import metadata
 from typing import Any
 
-__all__ = ["environment"]
+__all__ = ["bench_model", "environment"]
 
 
 def environment() -> dict[str, Any]:
@@ -33,3 +33,22 @@ def environment() -> dict[str, Any]:
         },
         "versions": versions,
     }
+
+
+def bench_model(name: str):  # type: ignore[no-untyped-def]
+    """`smollm2` (the fetched SmolLM2-135M) or `tiny_gpt2` (4 layers, d=256, the full 50257-token vocabulary,
+    seeded random weights), with every parameter trainable."""
+    import torch
+
+    if name == "smollm2":
+        from raymeta.models import load_model
+
+        model = load_model("builtin")
+    else:
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=256, n_head=4, n_positions=1024)).eval()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model

@@ -38,22 +38,13 @@ def _rss_mb() -> float:
 def one(model_name: str, method: str, tokens: int, threads: int | None) -> dict:
     import torch
 
+    from bench.common import bench_model
     from raymeta.config import load_config
     from raymeta.meta import Batch, MetaLearner, TaskBatch
 
     if threads:
         torch.set_num_threads(threads)
-    if model_name == "smollm2":
-        from raymeta.models import load_model
-
-        model = load_model("builtin")
-    else:
-        from transformers import GPT2Config, GPT2LMHeadModel
-
-        torch.manual_seed(0)
-        model = GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=256, n_head=4, n_positions=1024)).eval()
-    for p in model.parameters():
-        p.requires_grad_(True)
+    model = bench_model(model_name)
     vocab = model.config.vocab_size
     cfg = load_config(None, [*METHODS[method], "tasks_per_step=2", "inner.steps=1", "inner.lr=1e-5", "outer.lr=1e-5"])
     learner = MetaLearner(model, cfg)

@@ -25,31 +25,17 @@ from pathlib import Path
 import torch
 
 
-def _model(name: str):
-    if name == "smollm2":
-        from raymeta.models import load_model
-
-        model = load_model("builtin")
-    else:
-        from transformers import GPT2Config, GPT2LMHeadModel
-
-        torch.manual_seed(0)
-        model = GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=256, n_head=4, n_positions=1024)).eval()
-    for p in model.parameters():
-        p.requires_grad_(True)
-    return model
-
-
 def executor_step(name: str, executor_kind: str, tokens: int, cpus_per_task: float) -> float:
     """Seconds of one meta-step through one executor (run in a fresh process: see main)."""
     import ray
 
+    from bench.common import bench_model
     from raymeta.config import load_config
     from raymeta.executor import LocalExecutor, RayExecutor
     from raymeta.meta import Batch, MetaLearner, TaskBatch
     from raymeta.models import resolve_model_dir
 
-    model = _model(name)
+    model = bench_model(name)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = str(resolve_model_dir("builtin")) if name == "smollm2" else tmp
         if name != "smollm2":

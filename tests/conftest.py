@@ -88,3 +88,20 @@ def make_data_dir(root: Path, *, k: int = 4, seeds=(100, 13), n_test: int = 6) -
         json.dumps({"train": ["train_a", "train_b"], "test": ["sent", "mc"], "unseen_domain_test": ["mc"]})
     )
     return root
+
+
+def tiny_train_overrides(model_dir: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    """Config overrides for a short meta-training run of a tiny model on the `toy` setting."""
+    return [
+        f"model={model_dir}",
+        f"data={data}",
+        "setting=toy",
+        f"out={out}",
+        "k=2",
+        "tasks_per_step=2",
+        "max_length=256",
+        "checkpoint_every=2",
+        "inner.lr=0.001",
+        "outer.lr=0.001",
+        *extra,
+    ]

@@ -16,7 +16,7 @@ from raymeta.config import load_config
 from raymeta.executor import LocalExecutor, RayExecutor
 from raymeta.meta import MetaLearner, TaskBatch
 from raymeta.train import train
-from tests.conftest import make_data_dir, tiny_gpt2
+from tests.conftest import make_data_dir, tiny_gpt2, tiny_train_overrides
 from tests.test_meta import _batch
 
 
@@ -40,23 +40,7 @@ def tiny_folder(tmp_path_factory, gpt2_tokenizer):
 
 
 def _cfg(root, out: str, *extra: str):
-    return load_config(
-        None,
-        [
-            f"model={root / 'model'}",
-            f"data={root / 'data'}",
-            "setting=toy",
-            f"out={root / out}",
-            "k=2",
-            "tasks_per_step=2",
-            "max_length=256",
-            "checkpoint_every=2",
-            "inner.lr=0.001",
-            "outer.lr=0.001",
-            "steps=4",
-            *extra,
-        ],
-    )
+    return load_config(None, tiny_train_overrides(root / "model", root / "data", root / out, "steps=4", *extra))
 
 
 def _weights(final) -> dict[str, torch.Tensor]:

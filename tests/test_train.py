@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from raymeta.cli import main
 from raymeta.config import load_config
 from raymeta.train import train
-from tests.conftest import make_data_dir, tiny_gpt2
+from tests.conftest import make_data_dir, tiny_gpt2, tiny_train_overrides
 
 
 @pytest.fixture()
@@ -24,21 +24,7 @@ def tiny_setup(tmp_path, gpt2_tokenizer):
 
 
 def _cfg(tmp_path: Path, model_dir: Path, data: Path, out: str, *extra: str):
-    overrides = [
-        f"model={model_dir}",
-        f"data={data}",
-        "setting=toy",
-        f"out={tmp_path / out}",
-        "k=2",
-        "tasks_per_step=2",
-        "max_length=256",
-        "checkpoint_every=2",
-        "inner.lr=0.001",
-        "outer.lr=0.001",
-        "distributed=false",
-        *extra,
-    ]
-    return load_config(None, overrides)
+    return load_config(None, tiny_train_overrides(model_dir, data, tmp_path / out, "distributed=false", *extra))
 
 
 def test_resume_continues_the_exact_trajectory(tmp_path, tiny_setup):
