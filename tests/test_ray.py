@@ -64,7 +64,7 @@ def _tasks() -> list[TaskBatch]:
 @pytest.fixture()
 def one_thread():
     """Ray workers run one BLAS thread. Second-order AdamW meta-gradients amplify summation-order
-    differences (1 vs 2 threads: up to 3e-3 on this model), so the driver matches them for comparisons."""
+    differences (1 vs 2 threads: up to 3e-3 on this model in an ad-hoc check), so the driver matches them."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
