@@ -16,8 +16,7 @@ from pathlib import Path
 import torch
 
 from bench.common import environment
-from raymeta.assets import paths
-from raymeta.data import DataDir
+from raymeta.data import open_data
 from raymeta.eval.icl import predictions_from_losses
 from raymeta.eval.scoring import OptionScorer
 from raymeta.io import atomic_write_json
@@ -37,7 +36,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    data = DataDir(paths().builtin_data)
+    data = open_data(None)
     demos = data.demonstrations(args.task, args.k, args.seed)
     tests = data.test_examples(args.task, args.k, args.seed)[: args.n]
     tokenizer, model = load_tokenizer("builtin"), load_model("builtin")

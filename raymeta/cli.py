@@ -101,7 +101,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
     from raymeta.assets import paths
-    from raymeta.data import DataDir
+    from raymeta.data import open_data
     from raymeta.eval.adapt import AdaptConfig
     from raymeta.eval.icl import EvalConfig, LossCache, evaluate_setting, markdown_table
     from raymeta.eval.plots import plot_results
@@ -120,9 +120,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         truncation=args.truncation,
         adapt=AdaptConfig(args.adapt_steps, args.adapt_optimizer, args.adapt_lr) if args.adapt_steps else None,
     )
-    data = DataDir(args.data or paths(args.home).builtin_data)
-    if args.data is None and not (data.root / "config").is_dir():
-        raise UserError("--data: the built-in BIG-bench settings are not built yet; run `raymeta fetch` first")
+    data = open_data(args.data, args.home)
     setting = data.setting(args.setting)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -28,9 +28,9 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from raymeta.config import TrainConfig, to_dict
-from raymeta.data import DataDir
+from raymeta.data import open_data
 from raymeta.errors import UserError
-from raymeta.io import atomic_dir, atomic_write_json, atomic_write_text, home
+from raymeta.io import atomic_dir, atomic_write_json, atomic_write_text
 from raymeta.meta import Accumulator, MetaLearner, TaskBatch, make_batch
 from raymeta.optim import AdamState
 from raymeta.prompts import PromptBuilder, PromptFormat
@@ -108,9 +108,7 @@ class Placement:
 
 
 def _sampler(cfg: TrainConfig, root: Path | None) -> MetaBatchSampler:
-    from raymeta.assets import paths
-
-    data = DataDir(cfg.data or paths(root or home()).builtin_data)
+    data = open_data(cfg.data, root)
     setting = data.setting(cfg.setting)
     pools = {task: data.pool_examples(task) for task in setting.train}
     return MetaBatchSampler(

@@ -202,3 +202,9 @@ def test_bigbench_unknown_task(tmp_path, capsys):
     )
     assert code == 2 and "unknown BIG-bench task 'nope/sub'" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_missing_builtin_data_says_to_fetch(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "eval", "--home", str(tmp_path / "empty-home"))
+    assert code == 2 and err.count("\n") == 1
+    assert "the built-in BIG-bench settings are not built yet" in err and "run `raymeta fetch` first" in err

@@ -32,6 +32,7 @@ __all__ = [
     "Example",
     "Setting",
     "DataDir",
+    "open_data",
     "read_examples",
     "to_dataset",
 ]
@@ -118,6 +119,18 @@ def to_dataset(examples: Sequence[Example]) -> datasets.Dataset:
             "options": [list(e.options) for e in examples],
         }
     )
+
+
+def open_data(folder: str | Path | None, root: Path | None = None) -> DataDir:
+    """The data folder given by the user, or (None) the built-in BIG-bench settings built by `raymeta fetch`."""
+    if folder is not None:
+        return DataDir(folder)
+    from raymeta.assets import paths
+
+    builtin = paths(root).builtin_data
+    if not (builtin / "config").is_dir():
+        raise UserError(f"data: the built-in BIG-bench settings are not built yet ({builtin}); run `raymeta fetch` first")
+    return DataDir(builtin)
 
 
 def _read_json(path: Path, what: str) -> Any:

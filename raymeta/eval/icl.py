@@ -234,7 +234,7 @@ def evaluate_setting(
         td = _TaskData(task_type=meta["task_type"])
         for seed in cfg.seeds:
             td.tests[seed] = _subsample(data.test_examples(task, cfg.k, seed), cfg, task)
-            if "icl" in cfg.modes:
+            if "icl" in cfg.modes or cfg.adapt is not None:
                 td.demos[seed] = data.demonstrations(task, cfg.k, seed)
         tasks[task] = td
 
@@ -258,9 +258,7 @@ def evaluate_setting(
                     run_id = model_id
                     if cfg.adapt is not None:
                         fmt = PromptFormat(variant, cfg.max_length_per_example, icl_max_length, cfg.newlines)  # type: ignore[arg-type]
-                        key = stack.enter_context(
-                            adapted(model, PromptBuilder(tokenizer, fmt), data.demonstrations(task, cfg.k, seed), cfg.adapt)
-                        )
+                        key = stack.enter_context(adapted(model, PromptBuilder(tokenizer, fmt), td.demos[seed], cfg.adapt))
                         run_id = f"{model_id}+adapt:{key}"
                     for mode in cfg.modes:
                         demos = td.demos[seed] if mode == "icl" else None
