@@ -4,11 +4,12 @@
    query sequence each) through `LocalExecutor` and `RayExecutor` on the same inputs, after a warm-up
    step (which loads the model into the Ray worker processes), for SmolLM2-135M and a 4-layer GPT-2.
    On 2 CPUs the local executor runs the 4 tasks one after another on 2 threads; the Ray executor
-   runs them as tasks of `cpus_per_task` CPUs (1 thread each).
+   runs them as tasks of `cpus_per_task` CPUs each (a task gets one BLAS thread per CPU): with 1 CPU
+   two tasks run at once, with 2 CPUs one at a time. Each `--cpus-per-task` value is measured.
 2. `TorchTrainer.fit()` on the tiny model: 20 steps with a report every step vs every 20th step
    (the difference / 19 is the cost of one report), and the start-up time (fit time minus steps).
 
-    python -m bench.ray_overhead [--models tiny_gpt2,smollm2] [--out bench/results/ray_overhead.json]
+    python -m bench.ray_overhead [--models tiny_gpt2,smollm2] [--cpus-per-task 1,2] [--out bench/results/ray_overhead.json]
 """
 
 from __future__ import annotations
@@ -124,13 +125,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="tiny_gpt2,smollm2")
     ap.add_argument("--tokens", type=int, default=256)
-    ap.add_argument("--cpus-per-task", type=float, default=1.0)
+    ap.add_argument("--cpus-per-task", default="1,2", help="comma-separated values to measure the ray executor at")
     ap.add_argument("--out", type=Path, default=Path("bench/results/ray_overhead.json"))
     ap.add_argument("--one", nargs=2, metavar=("MODEL", "EXECUTOR"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if args.one:
-        print(json.dumps({"seconds": executor_step(args.one[0], args.one[1], args.tokens, args.cpus_per_task)}))
+        print(json.dumps({"seconds": executor_step(args.one[0], args.one[1], args.tokens, float(args.cpus_per_task))}))
         return
     import ray
 
@@ -138,25 +139,18 @@ def main() -> None:
     from raymeta.io import atomic_write_json
 
     executors = []
+    cpts = [float(x) for x in args.cpus_per_task.split(",")]
     for model in args.models.split(","):
         timings = {}
-        for kind in ("local", "ray"):  # each in a fresh process: freed memory is not returned to the OS
-            cmd = [
-                sys.executable,
-                "-m",
-                "bench.ray_overhead",
-                "--one",
-                model,
-                kind,
-                "--tokens",
-                str(args.tokens),
-                "--cpus-per-task",
-                str(args.cpus_per_task),
-            ]
-            proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
-            timings[kind] = json.loads(proc.stdout.strip().splitlines()[-1])["seconds"]
-            print(f"{model} {kind}: {timings[kind]:.2f} s", flush=True)
-        executors.append({"model": model, "seconds": timings, "ray_over_local": timings["ray"] / timings["local"] - 1})
+        # each in a fresh process: freed memory is not returned to the OS
+        for kind, cpt in [("local", 1.0)] + [("ray", c) for c in cpts]:
+            cmd = [sys.executable, "-m", "bench.ray_overhead", "--one", model, kind, "--tokens", str(args.tokens)]
+            proc = subprocess.run([*cmd, "--cpus-per-task", str(cpt)], capture_output=True, text=True, check=True)
+            name = "local" if kind == "local" else f"ray_cpus_per_task_{cpt:g}"
+            timings[name] = json.loads(proc.stdout.strip().splitlines()[-1])["seconds"]
+            print(f"{model} {name}: {timings[name]:.2f} s", flush=True)
+        overhead = {k: v / timings["local"] - 1 for k, v in timings.items() if k != "local"}
+        executors.append({"model": model, "seconds": timings, "ray_over_local": overhead})
     ray.init(include_dashboard=False, log_to_driver=False)
     with tempfile.TemporaryDirectory() as tmp:
         fit = fit_overheads(Path(tmp))
@@ -166,7 +160,6 @@ def main() -> None:
         **environment(),
         "executor": executors,
         "fit": fit,
-        "cpus_per_task": args.cpus_per_task,
     }
     atomic_write_json(args.out, result)
     print(json.dumps({"executor": executors, "fit": {k: v for k, v in fit.items() if k != "runs"}}, indent=2))

@@ -11,6 +11,7 @@ are scheduled on the caller's node (soft affinity) with `cpus_per_task` CPUs eac
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Sequence
@@ -56,6 +57,9 @@ def _run_task(
         open(marker, "w").close()
         os._exit(1)
     cfg = apply_overrides(TrainConfig(), dict(cfg_dict), "task")
+    # one BLAS thread per CPU held, rounded up (Ray gives a fractional task one): 0.5 + 1.5 on a 2-core node
+    # lets the one running task use both cores while its Train worker waits
+    torch.set_num_threads(max(1, math.ceil(cfg.cpus_per_task - 1e-9)))
     if model_dir not in _MODELS:
         model = load_model(model_dir)
         _MODELS[model_dir] = (model, FunctionalLM(model, math_attention=cfg.method == "maml_en_llm"))
