@@ -1,4 +1,4 @@
-"""The `raymeta` command line: fetch, data (bigbench, check), eval.
+"""The `raymeta` command line: fetch, data (bigbench, check), train, tune, eval, table.
 
 Bad input of any kind ends with one line on stderr naming the file, line or argument, and exit code 2.
 """
@@ -160,6 +160,38 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    import json
+
+    from raymeta.tune import load_sweep, run_sweep
+
+    _quiet_libraries()
+    sweep = load_sweep(args.sweep, num_samples=args.num_samples, out=args.out)
+    summary = run_sweep(sweep, resume=args.resume, address=args.address, root=args.home, verbose=0 if args.quiet else 1)
+    print(json.dumps(summary, indent=2))
+    print(f"trials: {sweep.out / 'trials.csv'}  plots: {sweep.out}/{{objective,importance,parallel}}.png")
+    if summary["best"] is not None:
+        print(f"best config: {sweep.out / 'best_config.yaml'}  (run it with: raymeta train {sweep.out / 'best_config.yaml'})")
+    return 0
+
+
+def cmd_cluster_check(args: argparse.Namespace) -> int:
+    from raymeta.cluster import check_cluster_file
+
+    worst = 0
+    for path in args.files:
+        report = check_cluster_file(path)
+        for line in report.errors:
+            print(f"raymeta: error: {path}: {line}", file=sys.stderr)
+        for line in report.warnings:
+            print(f"raymeta: warning: {path}: {line}", file=sys.stderr)
+        if report.errors:
+            worst = 2
+        else:
+            print(f"{path}: OK ({report.summary})")
+    return worst
+
+
 def cmd_table(args: argparse.Namespace) -> int:
     import json
 
@@ -224,6 +256,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=_int_list, default=(100, 13, 21, 42, 87), help="seeds (default 100,13,21,42,87)")
     p.set_defaults(func=cmd_data_check)
 
+    cluster = sub.add_parser("cluster", help="check cluster files for `ray up`")
+    csub = cluster.add_subparsers(dest="cluster_command", required=True, parser_class=_Parser)
+    p = csub.add_parser(
+        "check",
+        help="validate cluster files offline (Ray's validator plus safety checks)",
+        description="Validate `ray up` cluster files without contacting a cloud: Ray's own config checks and schema, "
+        "then raymeta's safety rules (token auth on, dashboard on the head's loopback, no credentials, torch pinned "
+        "before raymeta). One line per problem; exit 2 if any.",
+    )
+    p.add_argument("files", type=Path, nargs="+", help="cluster YAML files (e.g. cluster.yaml cluster-onprem.yaml)")
+    p.set_defaults(func=cmd_cluster_check)
+
     p = sub.add_parser(
         "table",
         help="one summary table from several evaluations",
@@ -245,6 +289,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help="join this Ray cluster (default: $RAY_ADDRESS, else an embedded local one)")
     p.add_argument("--threads", type=_positive, default=None, help="torch CPU threads")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "tune",
+        parents=[home],
+        help="hyperparameter sweep: Ray Tune + Optuna (TPE) + ASHA over meta-training configs",
+        description="Run a sweep file (see tune_configs/): each trial is one distributed meta-training run, scored on "
+        "held-out validation tasks (never the setting's targets). Writes OUT/trials.csv, OUT/best_config.yaml (for "
+        "raymeta train), OUT/study.db (the Optuna study) and plots; --resume finishes a sweep whose driver was stopped.",
+    )
+    p.add_argument("sweep", type=Path, help="sweep YAML (see tune_configs/)")
+    p.add_argument("--num-samples", type=_positive, default=None, help="trials to run (default: the file's num_samples)")
+    p.add_argument("--out", type=Path, default=None, help="run folder (default: the file's out, else runs/tune/NAME)")
+    p.add_argument("--resume", action="store_true", help="finish an interrupted sweep without re-running finished trials")
+    p.add_argument("--address", default=None, help="join this Ray cluster (default: $RAY_ADDRESS, else an embedded local one)")
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser(
         "eval",

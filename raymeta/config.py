@@ -20,7 +20,17 @@ import yaml
 from raymeta.errors import UserError
 from raymeta.optim import OPTIMIZERS, OptimizerSpec
 
-__all__ = ["METHODS", "MOMENT_POLICIES", "InnerConfig", "OuterConfig", "TrainConfig", "load_config", "apply_overrides", "to_dict"]
+__all__ = [
+    "METHODS",
+    "MOMENT_POLICIES",
+    "InnerConfig",
+    "OuterConfig",
+    "TrainConfig",
+    "ValidationConfig",
+    "load_config",
+    "apply_overrides",
+    "to_dict",
+]
 
 METHODS = ("maml_en_llm", "fomaml", "reptile", "metaicl")
 MOMENT_POLICIES = ("none", "init", "shared")
@@ -40,6 +50,25 @@ class InnerConfig:
 class OuterConfig:
     optimizer: str = "adamw"
     lr: float = 1e-5
+
+
+@dataclass
+class ValidationConfig:
+    """Held-out validation: `tasks` of the setting's meta-train tasks (a seeded choice among those
+    whose pool examples all have options) are removed from meta-training; every `every` steps (and at
+    the last step) rank 0 evaluates k-shot ICL on them: `k` demonstrations per seed drawn from the
+    task's pool, `test_examples` other examples of the pool as the test set, `seeds` seeds. Reported
+    as val_score (macro-F1 / accuracy, mean over tasks and seeds) and val_loss (mean loss of the gold
+    option), optionally after `adapt_steps` steps of adaptation on the demonstrations (val_adapt_score)."""
+
+    tasks: int = 0  # 0: no validation
+    every: int = 0  # 0: at the last step only
+    k: int = 4
+    seeds: int = 1
+    test_examples: int = 16
+    adapt_steps: int = 0
+    adapt_lr: float = 1e-5
+    seed: int = 0
 
 
 @dataclass
@@ -71,6 +100,7 @@ class TrainConfig:
     checkpoint_every: int = 5
     log_every: int = 1
     out: str = "runs/train"
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
     # placement
     distributed: bool = True  # Ray Train workers; false runs the loop in this process without Ray
     num_workers: int = 1
@@ -124,6 +154,19 @@ class TrainConfig:
         for key, cpus in (("cpus_per_worker", self.cpus_per_worker), ("cpus_per_task", self.cpus_per_task)):
             if not cpus > 0:
                 raise bad(key, "a positive number of CPUs (fractions allowed)", cpus)
+        v = self.validation
+        for key, count in (("validation.k", v.k), ("validation.seeds", v.seeds), ("validation.test_examples", v.test_examples)):
+            if count < 1:
+                raise bad(key, "an integer >= 1", count)
+        for key, count in (
+            ("validation.tasks", v.tasks),
+            ("validation.every", v.every),
+            ("validation.adapt_steps", v.adapt_steps),
+        ):
+            if count < 0:
+                raise bad(key, "an integer >= 0", count)
+        if not v.adapt_lr > 0:
+            raise bad("validation.adapt_lr", "a positive number", v.adapt_lr)
         if self.max_failures < -1:
             raise bad("max_failures", "an integer >= -1 (-1: unlimited)", self.max_failures)
         if not all(0 <= b < 1 for b in self.betas) or len(self.betas) != 2:

@@ -104,7 +104,7 @@ def _worker(config: dict[str, Any]) -> None:
         print(
             f"[raymeta] step {record['step']}/{cfg.steps} meta_loss {record['meta_loss']:.4f} support_loss "
             f"{record['support_loss']:.4f} grad_norm {record['grad_norm']:.3g} tokens/s {record['tokens_per_s']:.0f} "
-            f"skipped {record['skipped_steps']}",
+            f"skipped {record['skipped_steps']}" + (f" val_score {record['val_score']:.4f}" if "val_score" in record else ""),
             flush=True,
         )
 
@@ -143,7 +143,16 @@ def _worker(config: dict[str, Any]) -> None:
     run_loop(cfg, place, resume_dir=resume_dir, progress=False, root=root, on_step=publish)
 
 
-def fit(cfg: TrainConfig, out: Path, latest: Path | None, *, address: str | None, progress: bool, root: Path | None) -> Path:
+def fit(
+    cfg: TrainConfig,
+    out: Path,
+    latest: Path | None,
+    *,
+    address: str | None,
+    progress: bool,
+    root: Path | None,
+    callbacks: list[Any] | None = None,
+) -> Path:
     """Run meta-training as a Ray Train job; returns the final checkpoint folder."""
     import ray
     from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
@@ -177,6 +186,7 @@ def fit(cfg: TrainConfig, out: Path, latest: Path | None, *, address: str | None
             name="checkpoints",
             storage_path=str(out),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
+            callbacks=callbacks,
         ),
         resume_from_checkpoint=Checkpoint(str(latest)) if latest is not None else None,
     )

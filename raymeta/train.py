@@ -35,6 +35,7 @@ from raymeta.meta import Accumulator, MetaLearner, TaskBatch, make_batch
 from raymeta.optim import AdamState
 from raymeta.prompts import PromptBuilder, PromptFormat
 from raymeta.sampler import MetaBatchSampler, TaskSample
+from raymeta.validation import HeldOut, held_out_data, held_out_tasks, validate
 
 __all__ = ["Placement", "latest_checkpoint", "run_loop", "train"]
 
@@ -107,12 +108,14 @@ class Placement:
         return path
 
 
-def _sampler(cfg: TrainConfig, root: Path | None) -> MetaBatchSampler:
+def _sampler(cfg: TrainConfig, root: Path | None) -> tuple[MetaBatchSampler, HeldOut | None]:
+    """The meta-batch sampler over the setting's meta-train tasks, less those held out for validation."""
     data = open_data(cfg.data, root)
     setting = data.setting(cfg.setting)
     pools = {task: data.pool_examples(task) for task in setting.train}
-    return MetaBatchSampler(
-        pools,
+    held = held_out_tasks(cfg, data, setting, pools)
+    sampler = MetaBatchSampler(
+        {t: p for t, p in pools.items() if t not in held},
         k=cfg.k,
         tasks_per_step=cfg.tasks_per_step,
         support_size=cfg.support_size,
@@ -120,6 +123,7 @@ def _sampler(cfg: TrainConfig, root: Path | None) -> MetaBatchSampler:
         seed=cfg.seed,
         max_examples_per_task=cfg.max_examples_per_task,
     )
+    return sampler, (held_out_data(cfg, data, held, pools) if held else None)
 
 
 def run_loop(
@@ -135,7 +139,7 @@ def run_loop(
     from raymeta.executor import make_executor
     from raymeta.models import load_model, load_tokenizer, resolve_model_dir
 
-    sampler = _sampler(cfg, root)
+    sampler, held = _sampler(cfg, root)
     model_spec = str(resume_dir) if resume_dir is not None else cfg.model
     tokenizer = load_tokenizer(model_spec, root)
     model = load_model(model_spec, root=root)
@@ -162,6 +166,8 @@ def run_loop(
         if metrics_path.is_file():
             kept = [line for line in metrics_path.read_text().splitlines() if line and json.loads(line)["step"] <= start]
         atomic_write_text(metrics_path, "".join(line + "\n" for line in kept))
+        if held is not None:
+            atomic_write_json(place.out / "validation.json", {"tasks": list(held.setting.test), "seeds": list(held.seeds)})
 
     builder = PromptBuilder(tokenizer, PromptFormat(cfg.variant, cfg.max_length_per_example, cfg.max_length))  # type: ignore[arg-type]
     bar = tqdm(total=cfg.steps, initial=start, desc=f"{cfg.method} meta-training", unit="step", disable=not (progress and lead))
@@ -174,7 +180,7 @@ def run_loop(
             acc = place.reduce(acc, learner)
         m = learner.apply(acc)
         seconds = time.perf_counter() - began
-        record = {
+        record: dict[str, Any] = {
             "step": step,
             "meta_loss": m.query_loss,
             "support_loss": m.support_loss,
@@ -187,6 +193,10 @@ def run_loop(
             "meta_steps_per_s": 1 / seconds,
             "peak_rss_mb": _peak_rss_mb(),
         }
+        every = cfg.validation.every
+        validating = held is not None and (step == cfg.steps or (every > 0 and step % every == 0))
+        if held is not None and validating and lead:
+            record.update(validate(model, tokenizer, held, cfg))
         if lead:
             with metrics_path.open("a") as log:
                 log.write(json.dumps(record) + "\n")
@@ -200,7 +210,7 @@ def run_loop(
                 _write_checkpoint(folder, model, tokenizer, learner, sampler, at)
 
             final = place.save(step, write, record)
-        elif place.report is not None and step % cfg.log_every == 0:
+        elif place.report is not None and (step % cfg.log_every == 0 or validating):
             place.report(record)
     bar.close()
     return final
@@ -214,6 +224,7 @@ def train(
     root: Path | None = None,
     address: str | None = None,
     on_step: Callable[[dict[str, Any]], None] | None = None,
+    callbacks: list[Any] | None = None,
 ) -> Path:
     """Run (or resume) meta-training, on Ray Train workers or (distributed=false) in this process;
     returns the final checkpoint folder."""
@@ -233,7 +244,7 @@ def train(
         _sampler(cfg, root)
         resolve_model_dir(str(latest) if latest is not None else cfg.model, root)
 
-        return fit(cfg, out, latest, address=address, progress=progress, root=root)
+        return fit(cfg, out, latest, address=address, progress=progress, root=root, callbacks=callbacks)
     final = run_loop(cfg, Placement(out), resume_dir=latest, progress=progress, root=root, on_step=on_step)
     assert final is not None
     return final

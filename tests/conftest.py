@@ -58,16 +58,16 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def make_data_dir(root: Path, *, k: int = 4, seeds=(100, 13), n_test: int = 6) -> Path:
+def make_data_dir(root: Path, *, k: int = 4, seeds=(100, 13), n_test: int = 6, n_train: int = 2) -> Path:
     """A small hand-made data folder in MetaICL's layout: one classification and one multi-choice target,
-    two meta-train tasks, and a setting `toy`."""
+    `n_train` meta-train tasks (train_a, train_b, ...), and a setting `toy`."""
+    train_tasks = [f"train_{chr(ord('a') + i)}" for i in range(n_train)]
     labels = ["positive", "negative"]
     words = ["good", "bad", "great", "awful", "fine", "poor", "nice", "grim", "superb", "dull"]
     for task, kind in [
         ("sent", "classification"),
         ("mc", "multi-choice"),
-        ("train_a", "classification"),
-        ("train_b", "classification"),
+        *[(t, "classification") for t in train_tasks],
     ]:
         rows = []
         for i in range(max(n_test, k) * 2):
@@ -85,7 +85,7 @@ def make_data_dir(root: Path, *, k: int = 4, seeds=(100, 13), n_test: int = 6) -
         (root / "config" / "tasks").mkdir(parents=True, exist_ok=True)
         (root / "config" / "tasks" / f"{task}.json").write_text(json.dumps(meta))
     (root / "config" / "toy.json").write_text(
-        json.dumps({"train": ["train_a", "train_b"], "test": ["sent", "mc"], "unseen_domain_test": ["mc"]})
+        json.dumps({"train": train_tasks, "test": ["sent", "mc"], "unseen_domain_test": ["mc"]})
     )
     return root
 

@@ -38,6 +38,7 @@ __all__ = [
     "evaluate_setting",
     "markdown_table",
     "predictions_from_losses",
+    "gold_loss",
 ]
 
 MODES = ("zero-shot", "icl")
@@ -161,8 +162,9 @@ def _score_task_seed(
     cfg: EvalConfig,
     model_id: str,
     cache: LossCache | None,
-) -> list[str]:
-    """Predictions for the test examples of one (task, seed) under one prompt format."""
+) -> tuple[list[str], float]:
+    """Predictions for the test examples of one (task, seed) under one prompt format, and the mean
+    loss of the gold option."""
     prefix = builder.demonstrations(demos) if demos else []
     per_example = [builder.test_sequences(ex, prefix) for ex in tests]
     max_length = builder.fmt.max_length
@@ -192,7 +194,16 @@ def _score_task_seed(
         losses = scorer.score(flat)
         if cache is not None:
             cache.put(key, losses)
-    return predictions_from_losses(tests, losses)
+    return predictions_from_losses(tests, losses), gold_loss(tests, losses)
+
+
+def gold_loss(tests: Sequence[Example], losses: Sequence[float]) -> float:
+    """The mean loss of the correct option over the test examples."""
+    total, at = 0.0, 0
+    for ex in tests:
+        total += losses[at + ex.options.index(ex.output)]
+        at += len(ex.options)
+    return total / len(tests)
 
 
 def predictions_from_losses(tests: Sequence[Example], losses: Sequence[float]) -> list[str]:
@@ -247,6 +258,7 @@ def evaluate_setting(
             builders[variant, mode] = PromptBuilder(tokenizer, fmt)
     icl_max_length = default_max_length(cfg.k, cfg.max_length_per_example)
     scores: dict[tuple[str, str, str], dict[str, float]] = {}
+    gold_losses: dict[tuple[str, str, str], list[float]] = {}
     bar = tqdm(
         total=len(builders) * len(tasks) * len(cfg.seeds), desc=f"evaluating {setting.name}", unit="run", disable=not progress
     )
@@ -263,9 +275,10 @@ def evaluate_setting(
                     for mode in cfg.modes:
                         demos = td.demos[seed] if mode == "icl" else None
                         tests = td.tests[seed]
-                        preds = _score_task_seed(model, builders[variant, mode], demos, tests, cfg, run_id, cache)
+                        preds, gold = _score_task_seed(model, builders[variant, mode], demos, tests, cfg, run_id, cache)
                         value = metric(preds, [ex.output for ex in tests])
                         scores.setdefault((variant, mode, task), {})[str(seed)] = value
+                        gold_losses.setdefault((variant, mode, task), []).append(gold)
                         if on_result is not None:
                             on_result(f"{variant}/{mode}{suffix}", task, seed, value)
                         bar.update(1)
@@ -283,6 +296,7 @@ def evaluate_setting(
                     "seeds": seeds,
                     "mean": sum(values) / len(values),
                     "worst": min(values),
+                    "gold_loss": sum(gold_losses[variant, mode, task]) / len(cfg.seeds),
                 }
             runs[f"{variant}/{mode}{suffix}"] = {
                 "per_task": per_task,
