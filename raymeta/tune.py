@@ -214,14 +214,14 @@ def load_sweep(path: Path, *, num_samples: int | None = None, out: Path | None =
     resources = raw.get("resources") or {}
     if not isinstance(resources, dict):
         raise UserError(f"{path}: resources: expected a mapping with keys {', '.join(_RESOURCE_KEYS)}")
-    trial_cpus = 0.01  # the Tune function only waits on its TorchTrainer; Tune needs a non-empty request
+    trial_cpus = 0.0  # the Tune function only waits on its TorchTrainer
     for key, value in resources.items():
         if key not in _RESOURCE_KEYS:
             raise UserError(f"{path}: resources: unknown key {key!r} (known: {', '.join(_RESOURCE_KEYS)})")
         if key == "trial_cpus":
             trial_cpus = _number(value, f"{path}: resources.trial_cpus")
-            if not trial_cpus > 0:
-                raise UserError(f"{path}: resources.trial_cpus: expected a number > 0 (fractions allowed), got {value!r}")
+            if trial_cpus < 0:
+                raise UserError(f"{path}: resources.trial_cpus: expected a number >= 0 (fractions allowed), got {value!r}")
         else:
             _set(cfg, key, value, f"{path}: resources")
     cfg.validate(f"{path}: config")
@@ -363,6 +363,7 @@ class TrialRow:
     value: float | None
     params: dict[str, Any]
     error: str = ""
+    number: int = 0  # Tune's running number: the order trials started
 
 
 def _rows(sweep: Sweep, results: Any) -> list[TrialRow]:
@@ -379,18 +380,23 @@ def _rows(sweep: Sweep, results: Any) -> list[TrialRow]:
             status = "completed"
         params = {p.name: (r.config or {}).get(p.name) for p in sweep.space}
         error = str(r.error).strip().splitlines()[-1][:300] if r.error is not None else ""
-        trial_id = metrics.get("trial_id") or Path(r.path).name.split("_")[1]
-        rows.append(TrialRow(str(trial_id), status, iterations, _objective_value(metrics, sweep.metric), params, error))
-    rows.sort(key=lambda x: x.trial_id)
+        parts = Path(r.path).name.split("_")  # _trial_<id>_<number>_<params>_<date>
+        trial_id = metrics.get("trial_id") or parts[2]
+        number = int(parts[3]) if len(parts) > 3 and parts[3].isdigit() else 0
+        row = TrialRow(str(trial_id), status, iterations, _objective_value(metrics, sweep.metric), params, error, number)
+        rows.append(row)
+    rows.sort(key=lambda x: (x.number, x.trial_id))  # the order Tune started them
     return rows
 
 
 def _write_csv(sweep: Sweep, rows: Sequence[TrialRow]) -> None:
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["trial_id", "status", "reports", sweep.metric, *[p.name for p in sweep.space], "error"])
+    w.writerow(["trial", "trial_id", "status", "reports", sweep.metric, *[p.name for p in sweep.space], "error"])
     for r in rows:
-        w.writerow([r.trial_id, r.status, r.iterations, "" if r.value is None else r.value, *r.params.values(), r.error])
+        w.writerow(
+            [r.number, r.trial_id, r.status, r.iterations, "" if r.value is None else r.value, *r.params.values(), r.error]
+        )
     atomic_write_text(sweep.out / "trials.csv", buf.getvalue())
 
 
@@ -418,7 +424,7 @@ def _plots(sweep: Sweep, rows: Sequence[TrialRow]) -> list[Path]:
         return sweep.out / name
 
     written = []
-    scored = [(i, r) for i, r in enumerate(rows) if r.value is not None]
+    scored = [(r.number, r) for r in rows if r.value is not None]
     fig, ax = plt.subplots(figsize=(7, 3.5))
     colors = {"completed": "tab:blue", "stopped_early": "tab:orange", "error": "tab:red"}
     for status, color in colors.items():
@@ -432,7 +438,7 @@ def _plots(sweep: Sweep, rows: Sequence[TrialRow]) -> list[Path]:
         best_so_far.append(running)
     if scored:
         ax.step([i for i, _ in scored], best_so_far, where="post", color="gray", label="best so far")
-    ax.set_xlabel("trial")
+    ax.set_xlabel("trial (in the order they started)")
     ax.set_ylabel(sweep.metric)
     ax.set_title(f"{sweep.name}: {sweep.metric} per trial (last report)")
     ax.legend(fontsize=8)
@@ -492,6 +498,7 @@ def _importances(sweep: Sweep, rows: Sequence[TrialRow]) -> dict[str, float]:
         trials.append(optuna.trial.create_trial(params=dict(r.params), distributions=dists, value=r.value))
     if len(trials) < 2:
         return {}
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize" if sweep.mode == "max" else "minimize")
     study.add_trials(trials)
     try:
@@ -606,9 +613,9 @@ def run_sweep(
     _check_resources(sweep, address)
     sweep.out.mkdir(parents=True, exist_ok=True)
 
-    trainable = tune.with_resources(
-        tune.with_parameters(_trial, sweep=sweep, root=str(root) if root else None), {"cpu": sweep.trial_cpus}
-    )
+    # Tune refuses an all-zero request: a trial that holds no CPU asks for 1 MiB of memory instead
+    request: dict[str, float] = {"cpu": sweep.trial_cpus} if sweep.trial_cpus > 0 else {"cpu": 0.0, "memory": float(1 << 20)}
+    trainable = tune.with_resources(tune.with_parameters(_trial, sweep=sweep, root=str(root) if root else None), request)
     if resume:
         tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
