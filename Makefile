@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.raymeta-installed
 
-.PHONY: env run test lint
+.PHONY: env run test lint bench-env
 
 $(STAMP): pyproject.toml
 	@echo "==> environment: $(VENV) (torch==2.13.0 first, pinned; then raymeta and its pinned dependencies)"
@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 env: $(STAMP)
+
+bench-env: $(STAMP)  # the peers bench/speed.py compares against (higher, TorchOpt)
+	$(BIN)/python -m pip install --quiet -e ".[test,bench]"
 
 EVAL = --setting bb_class_to_class --k 4 --variants direct --modes icl --max-test-examples 10
 TRAIN = $(BIN)/raymeta train configs/main.yaml

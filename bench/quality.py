@@ -1,0 +1,267 @@
+"""The paper's comparison on real tasks: raw zero-shot and ICL, MetaICL, MAML-en-LLM, FOMAML, Reptile.
+
+At an equal meta-training budget (the same meta-steps, tasks per step, instances per task, k and
+token limits for every method), on a built-in BIG-bench setting with SmolLM2-135M, with MetaICL's
+evaluation protocol (seeds, mean and worst case, all targets and unseen-domain targets), direct and
+channel prompts, plus:
+- adaptation evaluation (`adapt_steps` steps on each target task's k examples) for MetaICL and
+  MAML-en-LLM;
+- the limited-data setting (each meta-train pool capped at `limited_examples`) for both.
+It then checks the paper's claims (MAML-en-LLM ≥ MetaICL + 2 points on unseen-domain targets, + 4 after
+adaptation, + 2 with limited data) on the mean over seeds and reports what the runs show.
+
+    python -m bench.quality --size cpu          # SmolLM2, about 3-4 hours on 2 CPU cores (not run yet)
+    python -m bench.quality --size gpu          # MetaICL-sized, for a GPU node (not run yet)
+    python -m bench.quality --size smoke --model DIR --data DIR --setting toy   # minutes; used by the tests
+
+Resumable: every training run resumes from its checkpoint and every finished evaluation is kept
+(`OUT/eval/*.json`); rerun the same command after an interruption.
+Writes OUT/quality.json, OUT/quality.md and OUT/quality.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+SIZES: dict[str, dict[str, Any]] = {
+    "smoke": {
+        "train": {
+            "steps": 2,
+            "k": 2,
+            "tasks_per_step": 2,
+            "max_length": 256,
+            "max_length_per_example": 64,
+            "checkpoint_every": 2,
+        },
+        "eval": {"k": 4, "seeds": (100, 13), "max_test_examples": 4},
+        "adapt_steps": 1,
+        "limited_examples": 8,
+    },
+    "cpu": {
+        "train": {
+            "steps": 30,
+            "k": 4,
+            "tasks_per_step": 2,
+            "max_length": 256,
+            "max_length_per_example": 64,
+            "checkpoint_every": 10,
+        },
+        "eval": {"k": 4, "seeds": (100, 13, 21, 42, 87), "max_test_examples": 10},
+        "adapt_steps": 1,
+        "limited_examples": 32,
+    },
+    "gpu": {
+        "train": {
+            "steps": 1000,
+            "k": 16,
+            "tasks_per_step": 8,
+            "support_size": 4,
+            "query_size": 4,
+            "max_length": 1024,
+            "max_length_per_example": 256,
+            "checkpoint_every": 100,
+            "precision": "bf16",
+            "distributed": True,
+            "use_gpu": True,
+        },
+        "eval": {"k": 16, "seeds": (100, 13, 21, 42, 87), "max_test_examples": None},
+        "adapt_steps": 4,
+        "limited_examples": 64,
+    },
+}
+METHODS = ("metaicl", "maml_en_llm", "fomaml", "reptile")
+CLAIMS = (  # (name, candidate model, baseline model, run key, threshold in points)
+    ("unseen-domain targets", "maml_en_llm", "metaicl", "icl", 2.0),
+    ("after adaptation", "maml_en_llm", "metaicl", "icl+adapt", 4.0),
+    ("limited data", "maml_en_llm-limited", "metaicl-limited", "icl", 2.0),
+)
+
+
+def _train(name: str, overrides: dict[str, Any], out: Path, base: dict[str, Any]) -> Path:
+    from raymeta.config import TrainConfig, apply_overrides
+    from raymeta.train import latest_checkpoint, train
+
+    cfg = apply_overrides(TrainConfig(), {**base, **overrides, "out": str(out / "runs" / name)}, f"quality:{name}")
+    cfg.validate(f"quality:{name}")
+    run = Path(cfg.out)
+    return train(cfg, resume=latest_checkpoint(run) is not None, progress=True)
+
+
+def _evaluate(label: str, model_spec: str, out: Path, size: dict[str, Any], args: argparse.Namespace, adapt: bool) -> dict:
+    from raymeta.assets import paths
+    from raymeta.data import open_data
+    from raymeta.eval.adapt import AdaptConfig
+    from raymeta.eval.icl import EvalConfig, LossCache, evaluate_setting
+    from raymeta.io import atomic_write_json
+    from raymeta.models import load_model, load_tokenizer
+
+    path = out / "eval" / f"{label}{'+adapt' if adapt else ''}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    data = open_data(args.data)
+    setting = data.setting(args.setting)
+    e = size["eval"]
+    cfg = EvalConfig(
+        k=e["k"],
+        seeds=tuple(e["seeds"]),
+        variants=("direct", "channel"),
+        modes=("icl",) if adapt or label != "raw" else ("zero-shot", "icl"),
+        max_test_examples=e["max_test_examples"],
+        truncation="shared",
+        adapt=AdaptConfig(size["adapt_steps"]) if adapt else None,
+    )
+    model = load_model(model_spec)
+    tokenizer = load_tokenizer(model_spec)
+    results = evaluate_setting(model, tokenizer, data, setting, cfg, cache=LossCache(paths().root / "cache" / "losses"))
+    results["model"] = label
+    atomic_write_json(path, results)
+    return results
+
+
+def _rows(evals: dict[str, dict]) -> list[dict[str, Any]]:
+    rows = []
+    for label, res in evals.items():
+        for run, r in res["runs"].items():
+            variant, mode = run.split("/", 1)
+            mode = "icl+adapt" if "+adapt" in mode else mode
+            u = r["unseen_domain"] or {}
+            rows.append(
+                {
+                    "model": label.replace("+adapt", ""),
+                    "variant": variant,
+                    "mode": mode,
+                    "all_mean": 100 * r["all"]["mean"],
+                    "all_worst": 100 * r["all"]["worst"],
+                    "unseen_mean": 100 * u["mean"] if u else None,
+                    "unseen_worst": 100 * u["worst"] if u else None,
+                }
+            )
+    return rows
+
+
+def _claims(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for name, cand, base, mode, threshold in CLAIMS:
+        for variant in ("direct", "channel"):
+            a = next((r for r in rows if r["model"] == cand and r["variant"] == variant and r["mode"] == mode), None)
+            b = next((r for r in rows if r["model"] == base and r["variant"] == variant and r["mode"] == mode), None)
+            if a is None or b is None or a["unseen_mean"] is None or b["unseen_mean"] is None:
+                continue
+            diff = a["unseen_mean"] - b["unseen_mean"]
+            out.append(
+                {
+                    "claim": f"{cand} >= {base} + {threshold:g} on unseen-domain targets ({name})",
+                    "variant": variant,
+                    "difference_points": diff,
+                    "holds": diff >= threshold,
+                }
+            )
+    return out
+
+
+def _markdown(rows: list[dict[str, Any]], claims: list[dict[str, Any]], title: str) -> str:
+    def f(x: float | None) -> str:
+        return "–" if x is None else f"{x:.1f}"
+
+    lines = [f"### {title}", "", "| model | prompt | mode | all: mean | all: worst | unseen: mean | unseen: worst |"]
+    lines.append("|---|---|---|---:|---:|---:|---:|")
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['variant']} | {r['mode']} | {f(r['all_mean'])} | {f(r['all_worst'])} | "
+            f"{f(r['unseen_mean'])} | {f(r['unseen_worst'])} |"
+        )
+    lines += ["", "| paper's claim | prompt | measured difference (points) | holds here |", "|---|---|---:|---|"]
+    for c in claims:
+        lines.append(f"| {c['claim']} | {c['variant']} | {c['difference_points']:+.1f} | {'yes' if c['holds'] else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from raymeta.io import atomic_write_bytes
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, variant in zip(axes, ("direct", "channel")):
+        sel = [r for r in rows if r["variant"] == variant]
+        names = [f"{r['model']}\n{r['mode']}" for r in sel]
+        x = range(len(sel))
+        ax.bar([i - 0.2 for i in x], [r["all_mean"] for r in sel], 0.4, label="all targets")
+        ax.bar([i + 0.2 for i in x], [r["unseen_mean"] or 0 for r in sel], 0.4, label="unseen domain")
+        ax.set_xticks(list(x), names, rotation=60, fontsize=7, ha="right")
+        ax.set_title(f"{title} — {variant}")
+        ax.set_ylabel("macro-F1 / accuracy (%), mean over seeds")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", choices=sorted(SIZES), default="cpu")
+    ap.add_argument("--model", default="builtin")
+    ap.add_argument("--data", default=None, help="data folder (default: the built-in BIG-bench settings)")
+    ap.add_argument("--setting", default="bb_class_to_class")
+    ap.add_argument("--variant", default="direct", help="prompt variant for meta-training (evaluation uses both)")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+
+    from bench.common import environment
+    from raymeta.io import atomic_write_json, atomic_write_text
+
+    size = SIZES[args.size]
+    out = (args.out or Path(f"bench/results/quality-{args.size}-{args.setting}")).resolve()
+    base = {
+        "model": args.model,
+        "data": args.data,
+        "setting": args.setting,
+        "variant": args.variant,
+        "distributed": False,
+        **size["train"],
+    }
+    evals: dict[str, dict] = {"raw": _evaluate("raw", args.model, out, size, args, adapt=False)}
+    finals: dict[str, Path] = {}
+    for method in args.methods.split(","):
+        finals[method] = _train(method, {"method": method}, out, base)
+        evals[method] = _evaluate(method, str(finals[method]), out, size, args, adapt=False)
+    for method in ("metaicl", "maml_en_llm"):
+        if method not in finals:
+            continue
+        evals[f"{method}+adapt"] = _evaluate(method, str(finals[method]), out, size, args, adapt=True)
+        limited = _train(f"{method}-limited", {"method": method, "max_examples_per_task": size["limited_examples"]}, out, base)
+        evals[f"{method}-limited"] = _evaluate(f"{method}-limited", str(limited), out, size, args, adapt=False)
+
+    rows = _rows(evals)
+    claims = _claims(rows)
+    title = f"{args.setting}, {args.size} size"
+    atomic_write_json(
+        out / "quality.json",
+        {
+            "benchmark": "quality",
+            **environment(),
+            "size": args.size,
+            "train": base,
+            "eval": size["eval"],
+            "rows": rows,
+            "claims": claims,
+        },
+    )
+    atomic_write_text(out / "quality.md", _markdown(rows, claims, title))
+    _plot(rows, out / "quality.png", title)
+    print(_markdown(rows, claims, title))
+
+
+if __name__ == "__main__":
+    main()
