@@ -109,8 +109,13 @@ def _meta_grad_raymeta(model, tasks, m, v, k):  # type: ignore[no-untyped-def]
     for support, query in tasks:
         n = support.shape[1]
         tb = TaskBatch("t", Batch(support, ((n - SCORED, n),)), Batch(query, ((n - SCORED, n),)))
-        r = task_meta_gradient(flm, params, AdamState(m, v, STEP0), tb, cfg)
-        total = r.grads if total is None else {name: total[name] + g for name, g in r.grads.items()}
+        grads = task_meta_gradient(flm, params, AdamState(m, v, STEP0), tb, cfg).grads
+        if total is None:
+            total = grads
+        else:
+            for name, g in grads.items():
+                total[name] += g
+        del grads
     assert total is not None
     return [total[name] / len(tasks) for name, _ in model.named_parameters()]
 
@@ -123,14 +128,24 @@ def _meta_grad_higher(model, tasks, m, v, k):  # type: ignore[no-untyped-def]
     total = None
     for support, query in tasks:
         for name, p in model.named_parameters():  # every task starts from the outer state
-            opt.state[p] = {"step": STEP0, "exp_avg": m[name].clone(), "exp_avg_sq": v[name].clone()}
+            opt.state[p] = {"step": STEP0, "exp_avg": m[name], "exp_avg_sq": v[name]}  # higher copies the state
         with higher.innerloop_ctx(model, opt, copy_initial_weights=False, track_higher_grads=True) as (fmodel, diffopt):
             for _ in range(k):
                 diffopt.step(_full_loss(fmodel, None, support))
             grads = torch.autograd.grad(_full_loss(fmodel, None, query), list(model.parameters()))
-        total = list(grads) if total is None else [a + b for a, b in zip(total, grads)]
+        total = _add(total, grads)
+        del grads
     assert total is not None
     return [g / len(tasks) for g in total]
+
+
+def _add(total, grads):  # type: ignore[no-untyped-def]
+    """Sum in place into the first task's gradients (one gradient-sized buffer, as raymeta does)."""
+    if total is None:
+        return list(grads)
+    for a, b in zip(total, grads):
+        a += b
+    return total
 
 
 def _meta_grad_torchopt(model, tasks, m, v, k):  # type: ignore[no-untyped-def]
@@ -145,8 +160,8 @@ def _meta_grad_torchopt(model, tasks, m, v, k):  # type: ignore[no-untyped-def]
         (adam_state, *rest) = opt.init(params)
         state = (
             adam_state._replace(
-                mu=tuple(m[n].clone() for n in names),
-                nu=tuple(v[n].clone() for n in names),
+                mu=tuple(m[n] for n in names),  # update(inplace=False) never writes into them
+                nu=tuple(v[n] for n in names),
                 count=tuple(torch.tensor(STEP0) for _ in names),
             ),
             *rest,
@@ -158,7 +173,9 @@ def _meta_grad_torchopt(model, tasks, m, v, k):  # type: ignore[no-untyped-def]
             updates, state = opt.update(g, state, params=theta, inplace=False)
             theta = torchopt.apply_updates(theta, updates, inplace=False)
         grads = torch.autograd.grad(_full_loss(model, dict(zip(names, theta)), query), params)
-        total = list(grads) if total is None else [a + b for a, b in zip(total, grads)]
+        del theta, state, g, updates, loss
+        total = _add(total, grads)
+        del grads
     assert total is not None
     return [g / len(tasks) for g in total]
 

@@ -226,7 +226,8 @@ def task_meta_gradient(
             if not second:
                 theta = {n: t.detach().requires_grad_() for n, t in theta.items()}
                 state = detached(state) if state is not None else None
-        final_state = detached(state) if state is not None else None
+        # only `shared` reads the final inner moments: keeping them otherwise costs two model-sized buffers
+        final_state = detached(state) if state is not None and cfg.moment_policy == "shared" else None
 
         if cfg.method == "reptile":
             with torch.no_grad():

@@ -1,0 +1,41 @@
+"""bench/quality.py end to end at its smoke size on a tiny model: every method trains at the same
+budget, every evaluation lands in the table, and the claims are computed from the table's numbers."""
+
+from __future__ import annotations
+
+import json
+
+from tests.conftest import make_data_dir, tiny_gpt2
+
+
+def test_quality_smoke_runs_every_method_and_checks_claims_from_its_own_numbers(tmp_path, gpt2_tokenizer):
+    from bench import quality
+
+    tiny_gpt2().save_pretrained(tmp_path / "model")
+    gpt2_tokenizer.save_pretrained(tmp_path / "model")
+    make_data_dir(tmp_path / "data", k=4, n_train=3)
+    out = tmp_path / "q"
+    args = ["--size", "smoke", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "data"), "--setting", "toy"]
+    quality.main([*args, "--out", str(out)])
+    result = json.loads((out / "quality.json").read_text())
+    models = {(r["model"], r["variant"], r["mode"]) for r in result["rows"]}
+    for variant in ("direct", "channel"):
+        assert ("raw", variant, "zero-shot") in models and ("raw", variant, "icl") in models
+        for m in ("metaicl", "maml_en_llm", "fomaml", "reptile", "metaicl-limited", "maml_en_llm-limited"):
+            assert (m, variant, "icl") in models, m
+        assert ("maml_en_llm", variant, "icl+adapt") in models and ("metaicl", variant, "icl+adapt") in models
+    for method in ("metaicl", "maml_en_llm", "fomaml", "reptile"):  # equal budget: same steps and tasks
+        lines = (out / "runs" / method / "metrics.jsonl").read_text().splitlines()
+        assert len(lines) == 2
+    assert len(result["claims"]) == 6
+    by_key = {(r["model"], r["variant"], r["mode"]): r for r in result["rows"]}
+    for c in result["claims"]:
+        cand, base = c["claim"].split(" >= ")[0], c["claim"].split(" >= ")[1].split(" + ")[0]
+        mode = "icl+adapt" if "adaptation" in c["claim"] else "icl"
+        diff = by_key[cand, c["variant"], mode]["unseen_mean"] - by_key[base, c["variant"], mode]["unseen_mean"]
+        assert abs(c["difference_points"] - diff) < 1e-9
+    assert (out / "quality.md").read_text().startswith("### toy") and (out / "quality.png").stat().st_size > 0
+    # a rerun reuses every finished training and evaluation
+    before = {p: p.stat().st_mtime for p in (out / "eval").glob("*.json")}
+    quality.main([*args, "--out", str(out)])
+    assert {p: p.stat().st_mtime for p in (out / "eval").glob("*.json")} == before
