@@ -9,7 +9,16 @@ import time
 from importlib import metadata
 from typing import Any
 
-__all__ = ["bench_model", "environment"]
+__all__ = ["bench_model", "environment", "rss_mb"]
+
+
+def rss_mb() -> float:
+    """This process's resident set size now, in MiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def environment() -> dict[str, Any]:

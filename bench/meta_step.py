@@ -27,18 +27,10 @@ METHODS = {
 }
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def one(model_name: str, method: str, tokens: int, threads: int | None) -> dict:
     import torch
 
-    from bench.common import bench_model
+    from bench.common import bench_model, rss_mb
     from raymeta.config import load_config
     from raymeta.meta import Batch, MetaLearner, TaskBatch
 
@@ -57,7 +49,7 @@ def one(model_name: str, method: str, tokens: int, threads: int | None) -> dict:
         return [TaskBatch(f"t{i}", batch(2 * i, length), batch(2 * i + 1, length)) for i in range(2)]
 
     learner.step(tasks(16))  # warm-up: first-call overheads out of the timing
-    rss_before = _rss_mb()
+    rss_before = rss_mb()
     start = time.perf_counter()
     metrics = learner.step(tasks(tokens))
     seconds = time.perf_counter() - start

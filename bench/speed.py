@@ -42,14 +42,6 @@ IMPLS = ("raymeta", "higher", "torchopt")
 LR, BETAS, EPS, STEP0, N_TASKS, SCORED = 1e-4, (0.9, 0.999), 0.0, 10, 2, 16
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def _setup(model_name: str, tokens: int):  # type: ignore[no-untyped-def]
     """Model, tasks (support, query ids) and the outer Adam state, identical in every process."""
     import torch
@@ -187,10 +179,12 @@ def one(model_name: str, impl: str, tokens: int, k: int, grads_out: Path | None)
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    from bench.common import rss_mb
+
     model, tasks, m, v = _setup(model_name, tokens)
     with sdpa_kernel([SDPBackend.MATH]):
         STEPS[impl](model, tasks(32), m, v, k)  # warm-up
-        rss_before = _rss_mb()
+        rss_before = rss_mb()
         start = time.perf_counter()
         grads = STEPS[impl](model, tasks(tokens), m, v, k)
         seconds = time.perf_counter() - start

@@ -15,9 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from raymeta.errors import UserError
+from raymeta.io import read_yaml
 
 __all__ = ["Report", "check_cluster_file"]
 
@@ -151,14 +150,7 @@ def _safety_checks(config: dict[str, Any], report: Report) -> None:
 
 def check_cluster_file(path: Path) -> Report:
     """Run Ray's validator and raymeta's safety checks; raises `UserError` only for an unreadable file."""
-    if not path.is_file():
-        raise UserError(f"{path}: cluster file not found")
-    try:
-        config = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark is not None else ""
-        raise UserError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    config = read_yaml(path, "cluster file")
     if not isinstance(config, dict):
         raise UserError(f"{path}: expected a mapping (a Ray cluster config)")
     report = Report(path)

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from raymeta.errors import UserError
+from raymeta.io import read_yaml
 from raymeta.optim import OPTIMIZERS, OptimizerSpec
 
 __all__ = [
@@ -196,6 +197,10 @@ class TrainConfig:
                 )
         return self
 
+    def cpus_needed(self) -> float:
+        """CPUs one run holds at once: its Train workers, plus one Ray task when tasks run as Ray tasks."""
+        return self.num_workers * self.cpus_per_worker + (self.cpus_per_task if self.executor != "local" else 0.0)
+
     def executor_for(self, tasks_on_worker: int) -> str:
         if self.executor != "auto":
             return self.executor
@@ -285,14 +290,7 @@ def load_config(path: Path | None, overrides: list[str] | None = None) -> TrainC
     """Defaults, then the YAML file, then `key=value` overrides (values parsed as YAML), validated."""
     cfg = TrainConfig()
     if path is not None:
-        if not path.is_file():
-            raise UserError(f"{path}: config file not found")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            line = f":{mark.line + 1}" if mark is not None else ""
-            raise UserError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+        data = read_yaml(path, "config file") or {}
         if not isinstance(data, dict):
             raise UserError(f"{path}: expected a mapping of config keys")
         apply_overrides(cfg, data, str(path))

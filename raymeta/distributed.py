@@ -166,7 +166,7 @@ def fit(
             raise UserError(f"--address {address}: cannot connect to a Ray cluster ({e})") from None
     resources: dict[str, float] = {"CPU": cfg.cpus_per_worker}
     total = ray.cluster_resources().get("CPU", 0.0)
-    need = cfg.num_workers * cfg.cpus_per_worker + (cfg.cpus_per_task if cfg.executor != "local" else 0.0)
+    need = cfg.cpus_needed()
     if need > total:
         raise UserError(
             f"num_workers x cpus_per_worker (+ cpus_per_task for Ray tasks) = {need:g} CPUs, but the Ray cluster has {total:g}: "

@@ -1,4 +1,4 @@
-"""Atomic file writes: a reader never sees a half-written file."""
+"""Atomic file writes (a reader never sees a half-written file), and reading YAML with one-line errors."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write_text", "atomic_write_bytes", "atomic_write_json", "atomic_dir", "home"]
+__all__ = ["atomic_write_text", "atomic_write_bytes", "atomic_write_json", "atomic_dir", "home", "read_yaml"]
 
 
 def home() -> Path:
@@ -31,6 +31,22 @@ def atomic_write_text(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def read_yaml(path: Path, what: str) -> Any:
+    """A YAML file's content; a missing file or bad YAML is one `UserError` naming the file and line."""
+    import yaml
+
+    from raymeta.errors import UserError
+
+    if not path.is_file():
+        raise UserError(f"{path}: {what} not found")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise UserError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -49,7 +49,7 @@ import yaml
 
 from raymeta.config import TrainConfig, _set, apply_overrides, to_dict
 from raymeta.errors import UserError
-from raymeta.io import atomic_write_text
+from raymeta.io import atomic_write_text, read_yaml
 
 __all__ = ["DISTRIBUTIONS", "METRICS", "Sweep", "load_sweep", "run_sweep", "trial_config"]
 
@@ -138,17 +138,6 @@ class Sweep:
         return math.ceil(steps / every) if every else 1
 
 
-def _read_yaml(path: Path, what: str) -> Any:
-    if not path.is_file():
-        raise UserError(f"{path}: {what} not found")
-    try:
-        return yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark is not None else ""
-        raise UserError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
-
-
 def _number(value: Any, where: str) -> float:
     try:
         if isinstance(value, bool):
@@ -189,7 +178,7 @@ def _parse_param(name: str, spec: Any, where: str) -> Param:
 
 def load_sweep(path: Path, *, num_samples: int | None = None, out: Path | None = None) -> Sweep:
     """Read and check a sweep file; every problem is one line naming the key."""
-    raw = _read_yaml(path, "sweep file")
+    raw = read_yaml(path, "sweep file") or {}
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a mapping with keys {', '.join(_TOP_KEYS)}")
     for key in raw:
@@ -203,7 +192,7 @@ def load_sweep(path: Path, *, num_samples: int | None = None, out: Path | None =
             base_path = Path(str(raw["base"])).resolve()
         if not base_path.is_file():
             raise UserError(f"{path}: base: config file {raw['base']!r} not found (relative to {path.parent})")
-        base = _read_yaml(base_path, "base config")
+        base = read_yaml(base_path, "base config") or {}
         if not isinstance(base, dict):
             raise UserError(f"{base_path}: expected a mapping of config keys")
     cfg = apply_overrides(TrainConfig(), copy.deepcopy(base), str(raw.get("base")))
@@ -550,16 +539,15 @@ def _check_resources(sweep: Sweep, address: str | None) -> None:
     """One trial must fit in the cluster, or it would wait forever."""
     import ray
 
-    cfg = sweep.config
-    workers, per_worker = cfg.num_workers, cfg.cpus_per_worker
+    cfg = copy.deepcopy(sweep.config)
     for p in sweep.space:  # the largest value a trial may draw
         if p.kind == "choice":
             continue
         if "num_workers" in p.keys:
-            workers = max(workers, int(p.args[1]))
+            cfg.num_workers = max(cfg.num_workers, int(p.args[1]))
         if "cpus_per_worker" in p.keys:
-            per_worker = max(per_worker, float(p.args[1]))
-    need = workers * per_worker + (cfg.cpus_per_task if cfg.executor != "local" else 0.0) + sweep.trial_cpus
+            cfg.cpus_per_worker = max(cfg.cpus_per_worker, float(p.args[1]))
+    need = cfg.cpus_needed() + sweep.trial_cpus
     total = ray.cluster_resources().get("CPU", 0.0)
     if need > total:
         raise UserError(

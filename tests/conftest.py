@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -51,6 +52,19 @@ def tiny_llama(vocab_size: int = 50257, seed: int = 0, dtype: torch.dtype = torc
         tie_word_embeddings=True,
     )
     return LlamaForCausalLM(config).to(dtype).eval()
+
+
+@contextlib.contextmanager
+def local_ray(*, dashboard: bool):
+    """A Ray instance of our own (2 CPUs), shut down afterwards: tests never `ray stop`."""
+    import ray
+
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    ray.init(num_cpus=2, include_dashboard=dashboard, log_to_driver=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:

@@ -6,8 +6,6 @@ stop only their own Ray processes.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -16,18 +14,14 @@ from raymeta.config import load_config
 from raymeta.executor import LocalExecutor, RayExecutor
 from raymeta.meta import MetaLearner, TaskBatch
 from raymeta.train import train
-from tests.conftest import make_data_dir, tiny_gpt2, tiny_train_overrides
+from tests.conftest import local_ray, make_data_dir, tiny_gpt2, tiny_train_overrides
 from tests.test_meta import _batch
 
 
 @pytest.fixture(scope="module")
 def ray_local():
-    import ray
-
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
+    with local_ray(dashboard=False) as ray:
+        yield ray
 
 
 @pytest.fixture(scope="module")

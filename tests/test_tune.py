@@ -24,19 +24,15 @@ from raymeta.config import load_config
 from raymeta.errors import UserError
 from raymeta.train import train
 from raymeta.tune import load_sweep, run_sweep
-from tests.conftest import make_data_dir, tiny_gpt2
+from tests.conftest import local_ray, make_data_dir, tiny_gpt2
 
 
 @pytest.fixture(scope="module")
 def ray_local():
-    import ray
-
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     # with the dashboard: Ray Train's placement-group cleaner asks the state API (served by the dashboard)
     # whether a stopped trial's controller is dead; without it, an ASHA-stopped trial's workers' CPUs leak
-    ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False)
-    yield ray
-    ray.shutdown()
+    with local_ray(dashboard=True) as ray:
+        yield ray
 
 
 @pytest.fixture(scope="module")
