@@ -228,6 +228,7 @@ def task_meta_gradient(
                 state = detached(state) if state is not None else None
         # only `shared` reads the final inner moments: keeping them otherwise costs two model-sized buffers
         final_state = detached(state) if state is not None and cfg.moment_policy == "shared" else None
+        del state, grads, loss  # the graph keeps what the meta-gradient needs; drop the rest before the query pass
 
         if cfg.method == "reptile":
             with torch.no_grad():

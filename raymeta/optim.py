@@ -8,14 +8,22 @@ Adam's denominator uses a guarded square root, `sqrt(v_hat + eps_root) + eps`: t
 sqrt at v = 0 is infinite, and v is exactly 0 for every weight whose gradient is 0 (the embedding
 rows of tokens absent from a batch), which would turn second derivatives into NaN. With
 `eps_root = 0` the step is `torch.optim.Adam(W)`'s (tested against it).
+
+Adam's step is one autograd node per tensor (`_AdamStep`) with a hand-written backward: it saves only
+its inputs (g, m, v, and p for L2 decay) and recomputes the rest when the meta-gradient flows back.
+Built from elementwise autograd ops, the same step kept four model-sized intermediates alive through
+the query pass of every task (sqrt(v̂), its sum with eps, the scaled m, and the new moments) and ran
+about twice as many model-sized elementwise passes (bench/speed.py measured the difference).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from torch.autograd.function import once_differentiable
 
 __all__ = ["OPTIMIZERS", "AdamState", "OptimizerSpec", "zeros_state", "detached", "optimizer_step"]
 
@@ -74,16 +82,95 @@ def optimizer_step(
     b1, b2 = spec.betas
     step = state.step + 1
     bc1, bc2 = 1 - b1**step, 1 - b2**step
+    decay = 1 - spec.lr * spec.weight_decay if spec.name == "adamw" and spec.weight_decay else 1.0
+    l2 = spec.weight_decay if spec.name == "adam" else 0.0
+    consts = _AdamConsts(spec.lr, b1, b2, bc1, bc2, spec.eps, spec.eps_root, decay, l2)
     new_p, new_m, new_v = {}, {}, {}
     for n, p in params.items():
-        g = grads[n]
-        if spec.name == "adamw":
-            p = p * (1 - spec.lr * spec.weight_decay) if spec.weight_decay else p
-        elif spec.weight_decay:
-            g = g + spec.weight_decay * p
-        m = b1 * state.m[n] + (1 - b1) * g
-        v = b2 * state.v[n] + (1 - b2) * g * g
-        denom = torch.sqrt(v / bc2 + spec.eps_root) + spec.eps
-        new_p[n] = p - (spec.lr / bc1) * m / denom
-        new_m[n], new_v[n] = m, v
+        new_p[n], new_m[n], new_v[n] = _AdamStep.apply(p, grads[n], state.m[n], state.v[n], consts)
     return new_p, AdamState(new_m, new_v, step)
+
+
+@dataclass(frozen=True)
+class _AdamConsts:
+    lr: float
+    b1: float
+    b2: float
+    bc1: float
+    bc2: float
+    eps: float
+    eps_root: float
+    decay: float  # AdamW's decoupled factor 1 - lr * weight_decay (1.0: none)
+    l2: float  # Adam's L2 coefficient, added to the gradient (0.0: none)
+
+
+def _adam_moments(
+    p: torch.Tensor | None, g: torch.Tensor, m0: torch.Tensor, v0: torch.Tensor, c: _AdamConsts
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """torch.optim's order of operations: (the effective gradient, m', v', sqrt(v̂ + eps_root), denominator)."""
+    if c.l2:
+        assert p is not None
+        g = g + c.l2 * p
+    m = c.b1 * m0 + (1 - c.b1) * g
+    v = c.b2 * v0 + (1 - c.b2) * g * g
+    root = torch.sqrt(v / c.bc2 + c.eps_root)
+    return g, m, v, root, root + c.eps
+
+
+class _AdamStep(torch.autograd.Function):
+    """One Adam(W) step of one tensor: (p, g, m0, v0) -> (p', m', v'), differentiable in all four inputs.
+
+    With u = m'/d, d = sqrt(v'/bc2 + eps_root) + eps and p' = decay·p - (lr/bc1)·u, the adjoints are
+    ā_m = a_m - (lr/bc1)·a_p/d,  ā_v = a_v + a_p·(lr/bc1)·m'/d² / (2·bc2·sqrt(v'/bc2 + eps_root)),
+    ∂g = (1-β1)·ā_m + 2(1-β2)·g·ā_v,  ∂m0 = β1·ā_m,  ∂v0 = β2·ā_v,  ∂p = decay·a_p + l2·∂g.
+    The backward itself is not differentiable again (third order is never needed).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, p: torch.Tensor, g: torch.Tensor, m0: torch.Tensor, v0: torch.Tensor, c: _AdamConsts
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        _, m, v, _, denom = _adam_moments(p, g, m0, v0, c)
+        new_p = (p * c.decay if c.decay != 1.0 else p) - (c.lr / c.bc1) * m / denom
+        ctx.c = c
+        ctx.save_for_backward(p if c.l2 else None, g, m0, v0)
+        ctx.set_materialize_grads(False)
+        return new_p, m, v
+
+    @staticmethod
+    @once_differentiable
+    def backward(  # type: ignore[override]
+        ctx: Any, a_p: torch.Tensor | None, a_m: torch.Tensor | None, a_v: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, ...]:
+        c: _AdamConsts = ctx.c
+        p, g, m0, v0 = ctx.saved_tensors
+        if a_p is None and a_m is None and a_v is None:
+            return None, None, None, None, None
+        g_eff, m, v, root, denom = _adam_moments(p, g, m0, v0, c)
+        del v
+        scale = c.lr / c.bc1
+        if a_p is not None:
+            adj_m = a_p / denom
+            adj_m.mul_(-scale)
+            adj_v = m.mul_(adj_m).div_(denom)  # a_p·(lr/bc1)·m'/d², up to sign: -adj_m·m'/d
+            adj_v.neg_().div_(root.mul_(2 * c.bc2))
+            del denom, root
+            if a_m is not None:
+                adj_m.add_(a_m)
+            if a_v is not None:
+                adj_v.add_(a_v)
+        else:
+            adj_m = a_m if a_m is not None else torch.zeros_like(g)
+            adj_v = a_v if a_v is not None else torch.zeros_like(g)
+        grad_g = g_eff.mul(adj_v).mul_(2 * (1 - c.b2)).add_(adj_m, alpha=1 - c.b1)
+        grad_m0 = c.b1 * adj_m if ctx.needs_input_grad[2] else None
+        grad_v0 = c.b2 * adj_v if ctx.needs_input_grad[3] else None
+        grad_p = None
+        if ctx.needs_input_grad[0]:
+            if a_p is None:
+                grad_p = torch.zeros_like(g)
+            else:  # no copy when there is no decay: a model-sized buffer at the peak of the meta-gradient
+                grad_p = a_p * c.decay if c.decay != 1.0 else a_p
+            if c.l2:
+                grad_p = grad_p + c.l2 * grad_g
+        return grad_p, grad_g if ctx.needs_input_grad[1] else None, grad_m0, grad_v0, None
