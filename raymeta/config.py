@@ -99,6 +99,7 @@ class TrainConfig:
     steps: int = 10  # meta-steps
     seed: int = 0
     checkpoint_every: int = 5
+    keep_checkpoints: int = 0  # 0 keeps every checkpoint; N > 0 keeps the newest N (a SmolLM2 checkpoint is 1.6 GB)
     log_every: int = 1
     out: str = "runs/train"
     validation: ValidationConfig = field(default_factory=ValidationConfig)
@@ -136,6 +137,7 @@ class TrainConfig:
             ("eps_root", self.eps_root),
             ("weight_decay", self.weight_decay),
             ("grad_clip", self.grad_clip),
+            ("keep_checkpoints", self.keep_checkpoints),
         ):
             if number < 0:
                 raise bad(key, "a number >= 0", number)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import resource
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,6 +44,13 @@ __all__ = ["Placement", "latest_checkpoint", "run_loop", "train"]
 def latest_checkpoint(out: Path) -> Path | None:
     found = sorted((out / "checkpoints").glob("step-*/state.json"))
     return found[-1].parent if found else None
+
+
+def prune_checkpoints(out: Path, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints (by step) of a run; the newest is never deleted."""
+    found = sorted(p for p in (out / "checkpoints").glob("step-*") if p.is_dir() and p.name[5:].isdigit())
+    for old in found[: -max(keep, 1)]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_checkpoint(
@@ -210,6 +218,8 @@ def run_loop(
                 _write_checkpoint(folder, model, tokenizer, learner, sampler, at)
 
             final = place.save(step, write, record)
+            if lead and cfg.keep_checkpoints:
+                prune_checkpoints(place.out, cfg.keep_checkpoints)
         elif place.report is not None and (step % cfg.log_every == 0 or validating):
             place.report(record)
     bar.close()

@@ -94,8 +94,10 @@ def test_a_killed_worker_is_restarted_and_the_run_ends_where_an_uninterrupted_on
     straight = _weights(train(_cfg(tiny_folder, "straight", "num_workers=1", "executor=ray"), progress=False))
     marker = tmp_path / "worker-crashed"
     monkeypatch.setenv("RAYMETA_FAULT_AT_STEP", f"3:{marker}")  # after step 3, between the checkpoints at 2 and 4
-    final = train(_cfg(tiny_folder, "crashed", "num_workers=1", "executor=ray", "max_failures=1"), progress=False)
+    crashed = _cfg(tiny_folder, "crashed", "num_workers=1", "executor=ray", "max_failures=1", "keep_checkpoints=1")
+    final = train(crashed, progress=False)
     assert marker.exists()
+    assert [p.name for p in (tiny_folder / "crashed" / "checkpoints").glob("step-*")] == ["step-000004"]
     recovered = _weights(final)
     for name in straight:
         assert torch.equal(recovered[name], straight[name]), name

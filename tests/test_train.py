@@ -45,6 +45,16 @@ def test_resume_continues_the_exact_trajectory(tmp_path, tiny_setup):
     assert [r["meta_loss"] for r in la] == [r["meta_loss"] for r in lb]
 
 
+def test_keep_checkpoints_deletes_all_but_the_newest_and_resume_still_works(tmp_path, tiny_setup):
+    model_dir, data = tiny_setup
+    cfg = _cfg(tmp_path, model_dir, data, "k", "steps=4", "checkpoint_every=1", "keep_checkpoints=2")
+    train(cfg, progress=False)
+    assert sorted(p.name for p in (tmp_path / "k" / "checkpoints").iterdir()) == ["step-000003", "step-000004"]
+    more = _cfg(tmp_path, model_dir, data, "k", "steps=6", "checkpoint_every=1", "keep_checkpoints=2")
+    assert train(more, resume=True, progress=False).name == "step-000006"
+    assert sorted(p.name for p in (tmp_path / "k" / "checkpoints").iterdir()) == ["step-000005", "step-000006"]
+
+
 @pytest.mark.parametrize("method", ["metaicl", "fomaml", "reptile", "maml_en_llm"])
 def test_every_method_trains_and_its_checkpoint_evaluates(tmp_path, tiny_setup, capsys, method):
     model_dir, data = tiny_setup
@@ -96,6 +106,7 @@ BAD = [
     ("outer:\n  lr: -0.001", "outer.lr: expected a positive number, got -0.001"),
     ("inner:\n  steps: 0", "inner.steps: expected an integer >= 1, got 0"),
     ("inner_lr: 0.1", "unknown key 'inner_lr'"),
+    ("keep_checkpoints: -1", "keep_checkpoints: expected a number >= 0, got -1"),
     ("inner:\n  momentum: 0.9", "unknown key 'inner.momentum' (known: inner.lr, inner.optimizer, inner.steps)"),
     ("tasks_per_step: two", "tasks_per_step: expected an integer, got 'two'"),
     ("activation_checkpointing: 1", "activation_checkpointing: expected true or false, got 1"),
