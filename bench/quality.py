@@ -10,8 +10,8 @@ channel prompts, plus:
 It then checks the paper's claims (MAML-en-LLM ≥ MetaICL + 2 points on unseen-domain targets, + 4 after
 adaptation, + 2 with limited data) on the mean over seeds and reports what the runs show.
 
-    python -m bench.quality --size cpu          # SmolLM2, about 3-4 hours on 2 CPU cores (not run yet)
-    python -m bench.quality --size gpu          # MetaICL-sized, for a GPU node (not run yet)
+    python -m bench.quality --size cpu          # SmolLM2, about 2 hours on 2 CPU cores (run: bench/results/)
+    python -m bench.quality --size gpu          # MetaICL-sized, for a GPU node (not run: no GPU lent)
     python -m bench.quality --size smoke --model DIR --data DIR --setting toy   # minutes; used by the tests
 
 Resumable: every training run resumes from its checkpoint and every finished evaluation is kept
