@@ -337,6 +337,31 @@ def _trial(params: dict[str, Any], sweep: Sweep, root: str | None) -> None:
         f.write(f"{time.time():.3f}\n")
     latest = latest_checkpoint(out)
     train(cfg, resume=latest is not None, progress=False, root=Path(root) if root else None, callbacks=[TuneReportCallback()])
+    _wait_for_reports_to_reach_tune()
+
+
+def _wait_for_reports_to_reach_tune(timeout: float = 300.0, quiet_polls: int = 3) -> None:
+    """Return only once Tune has taken every report that Ray Train forwarded.
+
+    Ray 2.60's TuneReportCallback puts rank 0's reports on a one-slot Ray queue; the trial's main
+    thread moves each one to the session's result queue when Tune asks for the next result. When the
+    trial function returns, Tune's wrapper puts its end-of-trial marker straight on that result queue.
+    If the final report was still on the Ray queue then, it lands behind the marker and Tune drops
+    it: the trial ends one report short (seen in CI: a finished trial whose last result was step 3 of
+    4). So wait until both queues have stayed empty for a few polls."""
+    from ray.train._internal.session import get_session
+
+    session = get_session()
+    relay = getattr(session, "_inter_actor_queue", None)
+    results = getattr(session, "result_queue", None)
+    if relay is None and results is None:
+        return
+    deadline = time.monotonic() + timeout
+    quiet = 0
+    while quiet < quiet_polls and time.monotonic() < deadline:
+        busy = (relay is not None and not relay.empty()) or (results is not None and not results.empty())
+        quiet = 0 if busy else quiet + 1
+        time.sleep(0.1)
 
 
 def _objective_value(metrics: dict[str, Any], metric: str) -> float | None:
@@ -353,17 +378,28 @@ class TrialRow:
     params: dict[str, Any]
     error: str = ""
     number: int = 0  # Tune's running number: the order trials started
+    step: int = 0  # the meta-step of the last report
 
 
 def _rows(sweep: Sweep, results: Any) -> list[TrialRow]:
+    """One row per trial. A trial is completed when its last report is at its own final step.
+
+    Tune's iteration count is not the test: a trial resumed after a killed driver restarts from its
+    raymeta checkpoint, and the restored experiment state can be a report behind it, so the count can
+    fall short though the trial ran every step; and a sampled `steps` below the space's top needs
+    fewer reports than ASHA's max_t."""
     rows = []
-    max_t = sweep.max_reports()
     for r in results:
         metrics = r.metrics or {}
         iterations = int(metrics.get("training_iteration", 0) or 0)
+        last_step = int(metrics.get("step", 0) or 0)
+        try:
+            steps = trial_config(sweep, dict(r.config or {}), sweep.out).steps
+        except UserError:
+            steps = sweep.config.steps
         if r.error is not None:
             status = "error"
-        elif iterations < max_t:
+        elif last_step < steps:
             status = "stopped_early"
         else:
             status = "completed"
@@ -372,7 +408,8 @@ def _rows(sweep: Sweep, results: Any) -> list[TrialRow]:
         parts = Path(r.path).name.split("_")  # _trial_<id>_<number>_<params>_<date>
         trial_id = metrics.get("trial_id") or parts[2]
         number = int(parts[3]) if len(parts) > 3 and parts[3].isdigit() else 0
-        row = TrialRow(str(trial_id), status, iterations, _objective_value(metrics, sweep.metric), params, error, number)
+        value = _objective_value(metrics, sweep.metric)
+        row = TrialRow(str(trial_id), status, iterations, value, params, error, number, last_step)
         rows.append(row)
     rows.sort(key=lambda x: (x.number, x.trial_id))  # the order Tune started them
     return rows
@@ -381,11 +418,10 @@ def _rows(sweep: Sweep, results: Any) -> list[TrialRow]:
 def _write_csv(sweep: Sweep, rows: Sequence[TrialRow]) -> None:
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["trial", "trial_id", "status", "reports", sweep.metric, *[p.name for p in sweep.space], "error"])
+    w.writerow(["trial", "trial_id", "status", "step", "reports", sweep.metric, *[p.name for p in sweep.space], "error"])
     for r in rows:
-        w.writerow(
-            [r.number, r.trial_id, r.status, r.iterations, "" if r.value is None else r.value, *r.params.values(), r.error]
-        )
+        value = "" if r.value is None else r.value
+        w.writerow([r.number, r.trial_id, r.status, r.step, r.iterations, value, *r.params.values(), r.error])
     atomic_write_text(sweep.out / "trials.csv", buf.getvalue())
 
 

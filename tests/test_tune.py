@@ -142,7 +142,7 @@ def test_sweep_runs_trials_in_the_space_stops_some_early_and_its_best_config_tra
         assert trial_cfg["outer"]["lr"] == pytest.approx(float(row["outer.lr"]))
         assert trial_cfg["inner"]["optimizer"] == row["inner.optimizer+moment_policy"].split(",")[0]
         reports = int(row["reports"])
-        assert (row["status"] == "completed") == (reports == 4)
+        assert (row["status"] == "completed") == (int(row["step"]) == trial_cfg["steps"] == 4 == reports)
         metrics = [json.loads(x) for x in (sweep.out / "trials" / row["trial_id"] / "metrics.jsonl").read_text().splitlines()]
         assert reports <= len(metrics) <= reports + 1  # a stopped trial really stopped (at most one step in flight)
         assert float(row["val_loss"]) == pytest.approx(metrics[reports - 1]["val_loss"])  # the last report Tune saw
@@ -191,7 +191,7 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(tiny_folder, tm
     assert result.returncode == 0, result.stderr[-2000:]
     with (out / "trials.csv").open() as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 3 and all(r["status"] == "completed" for r in rows)
+    assert len(rows) == 3 and all(r["status"] == "completed" and r["step"] == "4" for r in rows), rows
     for name in done_before:  # finished trials were not run again
         assert len((out / "trials" / name / "starts.log").read_text().splitlines()) == 1, name
 
