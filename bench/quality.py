@@ -83,6 +83,26 @@ CLAIMS = (  # (name, candidate model, baseline model, run key, threshold in poin
 )
 
 
+def _overrides(items: list[str]) -> dict[str, Any]:
+    """`--set KEY=VALUE` items as a mapping (values parsed as YAML), checked against the config now."""
+    import yaml
+
+    from raymeta.config import TrainConfig, apply_overrides
+    from raymeta.errors import UserError
+
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise UserError(f"--set {item!r}: expected KEY=VALUE")
+        key, raw = item.split("=", 1)
+        try:
+            out[key.strip()] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            out[key.strip()] = raw
+    apply_overrides(TrainConfig(), out, "--set")
+    return out
+
+
 def _train(name: str, overrides: dict[str, Any], out: Path, base: dict[str, Any]) -> Path:
     from raymeta.config import TrainConfig, apply_overrides
     from raymeta.train import latest_checkpoint, train
@@ -219,6 +239,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--variant", default="direct", help="prompt variant for meta-training (evaluation uses both)")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a training config override for every method, e.g. --set inner.lr=1e-4 (repeatable)",
+    )
+    ap.add_argument(
+        "--core-only", action="store_true", help="skip the adaptation and limited-data runs (the methods' ICL rows only)"
+    )
     args = ap.parse_args(argv)
 
     from bench.common import environment
@@ -233,6 +263,7 @@ def main(argv: list[str] | None = None) -> None:
         "variant": args.variant,
         "distributed": False,
         **size["train"],
+        **_overrides(args.set),
     }
     evals: dict[str, dict] = {"raw": _evaluate("raw", args.model, out, size, args, adapt=False)}
     finals: dict[str, Path] = {}
@@ -240,7 +271,7 @@ def main(argv: list[str] | None = None) -> None:
         finals[method] = _train(method, {"method": method}, out, base)
         evals[method] = _evaluate(method, str(finals[method]), out, size, args, adapt=False)
     for method in ("metaicl", "maml_en_llm"):
-        if method not in finals:
+        if method not in finals or args.core_only:
             continue
         evals[f"{method}+adapt"] = _evaluate(method, str(finals[method]), out, size, args, adapt=True)
         limited = _train(f"{method}-limited", {"method": method, "max_examples_per_task": size["limited_examples"]}, out, base)
@@ -267,4 +298,12 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from raymeta.errors import UserError
+
+    try:
+        main()
+    except UserError as e:
+        print(f"quality: error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -39,3 +39,30 @@ def test_quality_smoke_runs_every_method_and_checks_claims_from_its_own_numbers(
     before = {p: p.stat().st_mtime for p in (out / "eval").glob("*.json")}
     quality.main([*args, "--out", str(out)])
     assert {p: p.stat().st_mtime for p in (out / "eval").glob("*.json")} == before
+
+
+def test_quality_overrides_reach_every_run_and_core_only_skips_adaptation_and_limited_data(tmp_path, gpt2_tokenizer):
+    import pytest
+    import yaml
+
+    from bench import quality
+    from raymeta.errors import UserError
+
+    tiny_gpt2().save_pretrained(tmp_path / "model")
+    gpt2_tokenizer.save_pretrained(tmp_path / "model")
+    make_data_dir(tmp_path / "data", k=4, n_train=3)
+    out = tmp_path / "q"
+    args = ["--size", "smoke", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "data"), "--setting", "toy"]
+    sets = ["--set", "inner.lr=0.5", "--set", "outer.lr=0.25"]
+    quality.main([*args, "--methods", "metaicl,maml_en_llm", "--core-only", *sets, "--out", str(out)])
+    result = json.loads((out / "quality.json").read_text())
+    assert {r["model"] for r in result["rows"]} == {"raw", "metaicl", "maml_en_llm"}
+    assert {r["mode"] for r in result["rows"] if r["model"] != "raw"} == {"icl"}
+    assert result["train"]["inner.lr"] == 0.5 and result["train"]["outer.lr"] == 0.25
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["maml_en_llm", "metaicl"]
+    for method in ("metaicl", "maml_en_llm"):
+        cfg = yaml.safe_load((out / "runs" / method / "config.yaml").read_text())
+        assert cfg["inner"]["lr"] == 0.5 and cfg["outer"]["lr"] == 0.25
+    with pytest.raises(UserError, match="--set: unknown key 'inner.lrr'"):
+        quality.main([*args, "--set", "inner.lrr=1", "--out", str(tmp_path / "bad")])
+    assert not (tmp_path / "bad").exists()
