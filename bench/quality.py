@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> None:
 
     rows = _rows(evals)
     claims = _claims(rows)
-    title = f"{args.setting}, {args.size} size"
+    title = f"{args.setting}, {args.size} size" + "".join(f", {item}" for item in args.set)
     atomic_write_json(
         out / "quality.json",
         {
