@@ -114,16 +114,16 @@ def _train(name: str, overrides: dict[str, Any], out: Path, base: dict[str, Any]
 
 
 def _evaluate(label: str, model_spec: str, out: Path, size: dict[str, Any], args: argparse.Namespace, adapt: bool) -> dict:
+    from dataclasses import asdict
+
     from raymeta.assets import paths
     from raymeta.data import open_data
     from raymeta.eval.adapt import AdaptConfig
-    from raymeta.eval.icl import EvalConfig, LossCache, evaluate_setting
+    from raymeta.eval.icl import EvalConfig, LossCache, evaluate_setting, model_fingerprint
     from raymeta.io import atomic_write_json
     from raymeta.models import load_model, load_tokenizer
 
     path = out / "eval" / f"{label}{'+adapt' if adapt else ''}.json"
-    if path.is_file():
-        return json.loads(path.read_text())
     data = open_data(args.data)
     setting = data.setting(args.setting)
     e = size["eval"]
@@ -138,7 +138,15 @@ def _evaluate(label: str, model_spec: str, out: Path, size: dict[str, Any], args
     )
     model = load_model(model_spec)
     tokenizer = load_tokenizer(model_spec)
-    results = evaluate_setting(model, tokenizer, data, setting, cfg, cache=LossCache(paths().root / "cache" / "losses"))
+    fingerprint = model_fingerprint(model)
+    config = {**asdict(cfg), "seeds": list(cfg.seeds), "variants": list(cfg.variants), "modes": list(cfg.modes)}
+    if path.is_file():  # a finished evaluation is reused only for the very same weights, setting and protocol
+        cached = json.loads(path.read_text())
+        same = (cached.get("model_fingerprint"), cached.get("setting"), cached.get("config"))
+        if same == (fingerprint, setting.name, json.loads(json.dumps(config))):
+            return cached
+    cache = LossCache(paths().root / "cache" / "losses")
+    results = evaluate_setting(model, tokenizer, data, setting, cfg, model_id=fingerprint, cache=cache)
     results["model"] = label
     atomic_write_json(path, results)
     return results

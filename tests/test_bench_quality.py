@@ -63,6 +63,14 @@ def test_quality_overrides_reach_every_run_and_core_only_skips_adaptation_and_li
     for method in ("metaicl", "maml_en_llm"):
         cfg = yaml.safe_load((out / "runs" / method / "config.yaml").read_text())
         assert cfg["inner"]["lr"] == 0.5 and cfg["outer"]["lr"] == 0.25
+    # a cached evaluation of other weights is not reused: it is recomputed for the model at hand
+    stale = out / "eval" / "maml_en_llm.json"
+    right = json.loads(stale.read_text())["model_fingerprint"]
+    stale.write_text((out / "eval" / "metaicl.json").read_text())
+    quality.main([*args, "--methods", "metaicl,maml_en_llm", "--core-only", *sets, "--out", str(out)])
+    assert json.loads(stale.read_text())["model_fingerprint"] == right
+    assert json.loads((out / "quality.json").read_text())["rows"] == result["rows"]
+
     with pytest.raises(UserError, match="--set: unknown key 'inner.lrr'"):
         quality.main([*args, "--set", "inner.lrr=1", "--out", str(tmp_path / "bad")])
     assert not (tmp_path / "bad").exists()
