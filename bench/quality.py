@@ -15,7 +15,8 @@ adaptation, + 2 with limited data) on the mean over seeds and reports what the r
     python -m bench.quality --size smoke --model DIR --data DIR --setting toy   # minutes; used by the tests
 
 Resumable: every training run resumes from its checkpoint and every finished evaluation is kept
-(`OUT/eval/*.json`); rerun the same command after an interruption.
+(`OUT/eval/*.json`, reused only for the same weights, setting and protocol); rerun the same command
+after an interruption. A rerun into the same OUT with other settings (`--set`) is refused.
 Writes OUT/quality.json, OUT/quality.md and OUT/quality.png.
 """
 
@@ -103,14 +104,35 @@ def _overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def _train(name: str, overrides: dict[str, Any], out: Path, base: dict[str, Any]) -> Path:
-    from raymeta.config import TrainConfig, apply_overrides
-    from raymeta.train import latest_checkpoint, train
+def _run_config(name: str, overrides: dict[str, Any], out: Path, base: dict[str, Any]) -> Any:
+    """The training config of run `name`; refused if OUT/runs/NAME was trained with other settings
+    (resuming it would mix two configs, and a finished one would be reused as is)."""
+    from raymeta.config import TrainConfig, apply_overrides, to_dict
+    from raymeta.errors import UserError
 
     cfg = apply_overrides(TrainConfig(), {**base, **overrides, "out": str(out / "runs" / name)}, f"quality:{name}")
     cfg.validate(f"quality:{name}")
-    run = Path(cfg.out)
-    return train(cfg, resume=latest_checkpoint(run) is not None, progress=True)
+    saved_path = Path(cfg.out) / "config.yaml"
+    if saved_path.is_file():
+        import yaml
+
+        def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+            items: dict[str, Any] = {}
+            for k, v in d.items():
+                items.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+            return items
+
+        saved, now = flat(yaml.safe_load(saved_path.read_text()) or {}), flat(to_dict(cfg))
+        differ = sorted(k for k in saved.keys() & now.keys() if saved[k] != now[k])
+        if differ:
+            raise UserError(f"{saved_path}: this run was trained with other settings ({', '.join(differ)}); use another --out")
+    return cfg
+
+
+def _train(cfg: Any) -> Path:
+    from raymeta.train import latest_checkpoint, train
+
+    return train(cfg, resume=latest_checkpoint(Path(cfg.out)) is not None, progress=True)
 
 
 def _evaluate(label: str, model_spec: str, out: Path, size: dict[str, Any], args: argparse.Namespace, adapt: bool) -> dict:
@@ -273,17 +295,22 @@ def main(argv: list[str] | None = None) -> None:
         **size["train"],
         **_overrides(args.set),
     }
+    methods = args.methods.split(",")
+    extras = [] if args.core_only else [m for m in ("metaicl", "maml_en_llm") if m in methods]
+    runs = {m: _run_config(m, {"method": m}, out, base) for m in methods}  # every run checked before any work
+    for m in extras:
+        limited = {"method": m, "max_examples_per_task": size["limited_examples"]}
+        runs[f"{m}-limited"] = _run_config(f"{m}-limited", limited, out, base)
+
     evals: dict[str, dict] = {"raw": _evaluate("raw", args.model, out, size, args, adapt=False)}
     finals: dict[str, Path] = {}
-    for method in args.methods.split(","):
-        finals[method] = _train(method, {"method": method}, out, base)
+    for method in methods:
+        finals[method] = _train(runs[method])
         evals[method] = _evaluate(method, str(finals[method]), out, size, args, adapt=False)
-    for method in ("metaicl", "maml_en_llm"):
-        if method not in finals or args.core_only:
-            continue
+    for method in extras:
         evals[f"{method}+adapt"] = _evaluate(method, str(finals[method]), out, size, args, adapt=True)
-        limited = _train(f"{method}-limited", {"method": method, "max_examples_per_task": size["limited_examples"]}, out, base)
-        evals[f"{method}-limited"] = _evaluate(f"{method}-limited", str(limited), out, size, args, adapt=False)
+        final = _train(runs[f"{method}-limited"])
+        evals[f"{method}-limited"] = _evaluate(f"{method}-limited", str(final), out, size, args, adapt=False)
 
     rows = _rows(evals)
     claims = _claims(rows)

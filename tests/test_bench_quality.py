@@ -71,6 +71,12 @@ def test_quality_overrides_reach_every_run_and_core_only_skips_adaptation_and_li
     assert json.loads(stale.read_text())["model_fingerprint"] == right
     assert json.loads((out / "quality.json").read_text())["rows"] == result["rows"]
 
+    # the same folder with other settings is refused before any work, naming the keys that differ
+    before = {p: p.stat().st_mtime for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(UserError, match=r"runs/metaicl/config.yaml: this run was trained with other settings \(outer.lr\)"):
+        quality.main([*args, "--methods", "metaicl,maml_en_llm", "--core-only", "--set", "inner.lr=0.5", "--out", str(out)])
+    assert {p: p.stat().st_mtime for p in out.rglob("*") if p.is_file()} == before
+
     with pytest.raises(UserError, match="--set: unknown key 'inner.lrr'"):
         quality.main([*args, "--set", "inner.lrr=1", "--out", str(tmp_path / "bad")])
     assert not (tmp_path / "bad").exists()
