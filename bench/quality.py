@@ -11,6 +11,7 @@ It then checks the paper's claims (MAML-en-LLM ≥ MetaICL + 2 points on unseen-
 adaptation, + 2 with limited data) on the mean over seeds and reports what the runs show.
 
     python -m bench.quality --size cpu          # SmolLM2, about 2 hours on 2 CPU cores (run: bench/results/)
+    python -m bench.quality --size cpu --core-only --set inner.lr=1e-4 --set outer.lr=1e-4 --out DIR   # 46 min
     python -m bench.quality --size gpu          # MetaICL-sized, for a GPU node (not run: no GPU lent)
     python -m bench.quality --size smoke --model DIR --data DIR --setting toy   # minutes; used by the tests
 
