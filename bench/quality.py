@@ -86,23 +86,20 @@ CLAIMS = (  # (name, candidate model, baseline model, run key, threshold in poin
 
 
 def _overrides(items: list[str]) -> dict[str, Any]:
-    """`--set KEY=VALUE` items as a mapping (values parsed as YAML), checked against the config now."""
-    import yaml
+    """`--set KEY=VALUE` items as a mapping, checked against the config now."""
+    from raymeta.config import TrainConfig, apply_overrides, parse_overrides
 
-    from raymeta.config import TrainConfig, apply_overrides
-    from raymeta.errors import UserError
-
-    out: dict[str, Any] = {}
-    for item in items:
-        if "=" not in item:
-            raise UserError(f"--set {item!r}: expected KEY=VALUE")
-        key, raw = item.split("=", 1)
-        try:
-            out[key.strip()] = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            out[key.strip()] = raw
+    out = parse_overrides(items, "--set")
     apply_overrides(TrainConfig(), out, "--set")
     return out
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config as dotted keys: {"inner": {"lr": 1}} -> {"inner.lr": 1}."""
+    items: dict[str, Any] = {}
+    for k, v in d.items():
+        items.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return items
 
 
 def _run_config(name: str, overrides: dict[str, Any], out: Path, base: dict[str, Any]) -> Any:
@@ -110,20 +107,13 @@ def _run_config(name: str, overrides: dict[str, Any], out: Path, base: dict[str,
     (resuming it would mix two configs, and a finished one would be reused as is)."""
     from raymeta.config import TrainConfig, apply_overrides, to_dict
     from raymeta.errors import UserError
+    from raymeta.io import read_yaml
 
     cfg = apply_overrides(TrainConfig(), {**base, **overrides, "out": str(out / "runs" / name)}, f"quality:{name}")
     cfg.validate(f"quality:{name}")
     saved_path = Path(cfg.out) / "config.yaml"
     if saved_path.is_file():
-        import yaml
-
-        def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-            items: dict[str, Any] = {}
-            for k, v in d.items():
-                items.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-            return items
-
-        saved, now = flat(yaml.safe_load(saved_path.read_text()) or {}), flat(to_dict(cfg))
+        saved, now = _flat(read_yaml(saved_path, "run config") or {}), _flat(to_dict(cfg))
         differ = sorted(k for k in saved.keys() & now.keys() if saved[k] != now[k])
         if differ:
             raise UserError(f"{saved_path}: this run was trained with other settings ({', '.join(differ)}); use another --out")
@@ -137,12 +127,10 @@ def _train(cfg: Any) -> Path:
 
 
 def _evaluate(label: str, model_spec: str, out: Path, size: dict[str, Any], args: argparse.Namespace, adapt: bool) -> dict:
-    from dataclasses import asdict
-
     from raymeta.assets import paths
     from raymeta.data import open_data
     from raymeta.eval.adapt import AdaptConfig
-    from raymeta.eval.icl import EvalConfig, LossCache, evaluate_setting, model_fingerprint
+    from raymeta.eval.icl import EvalConfig, LossCache, config_record, evaluate_setting, model_fingerprint
     from raymeta.io import atomic_write_json
     from raymeta.models import load_model, load_tokenizer
 
@@ -162,11 +150,10 @@ def _evaluate(label: str, model_spec: str, out: Path, size: dict[str, Any], args
     model = load_model(model_spec)
     tokenizer = load_tokenizer(model_spec)
     fingerprint = model_fingerprint(model)
-    config = {**asdict(cfg), "seeds": list(cfg.seeds), "variants": list(cfg.variants), "modes": list(cfg.modes)}
     if path.is_file():  # a finished evaluation is reused only for the very same weights, setting and protocol
         cached = json.loads(path.read_text())
         same = (cached.get("model_fingerprint"), cached.get("setting"), cached.get("config"))
-        if same == (fingerprint, setting.name, json.loads(json.dumps(config))):
+        if same == (fingerprint, setting.name, config_record(cfg)):
             return cached
     cache = LossCache(paths().root / "cache" / "losses")
     results = evaluate_setting(model, tokenizer, data, setting, cfg, model_id=fingerprint, cache=cache)

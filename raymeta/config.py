@@ -296,13 +296,19 @@ def load_config(path: Path | None, overrides: list[str] | None = None) -> TrainC
         if not isinstance(data, dict):
             raise UserError(f"{path}: expected a mapping of config keys")
         apply_overrides(cfg, data, str(path))
-    for item in overrides or []:
+    apply_overrides(cfg, parse_overrides(overrides or [], "override"), "command line")
+    return cfg.validate(str(path) if path is not None else "config")
+
+
+def parse_overrides(items: list[str], where: str) -> dict[str, Any]:
+    """`key=value` items as a mapping, values parsed as YAML (a string where that fails)."""
+    out: dict[str, Any] = {}
+    for item in items:
         if "=" not in item:
-            raise UserError(f"override {item!r}: expected key=value")
+            raise UserError(f"{where} {item!r}: expected key=value")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw)
+            out[key.strip()] = yaml.safe_load(raw)
         except yaml.YAMLError:
-            value = raw
-        apply_overrides(cfg, {key.strip(): value}, "command line")
-    return cfg.validate(str(path) if path is not None else "config")
+            out[key.strip()] = raw
+    return out

@@ -82,6 +82,11 @@ class EvalConfig:
             raise UserError(f"--max-test-examples: expected a positive integer, got {self.max_test_examples}")
 
 
+def config_record(cfg: EvalConfig) -> dict[str, Any]:
+    """The evaluation config as results files store it (JSON types: lists, not tuples)."""
+    return json.loads(json.dumps(asdict(cfg)))
+
+
 def model_fingerprint(model: torch.nn.Module) -> str:
     """A hash of the model's class, config and every parameter and buffer (so a changed weight is a miss)."""
     h = hashlib.blake2b(digest_size=16)
@@ -309,7 +314,7 @@ def evaluate_setting(
         "targets": list(setting.test),
         "unseen_domain_test": list(setting.unseen_domain_test),
         "model_fingerprint": model_id,
-        "config": {**asdict(cfg), "seeds": list(cfg.seeds), "variants": list(cfg.variants), "modes": list(cfg.modes)},
+        "config": config_record(cfg),
         "runs": runs,
     }
 
