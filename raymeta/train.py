@@ -41,15 +41,20 @@ from raymeta.validation import HeldOut, held_out_data, held_out_tasks, validate
 __all__ = ["Placement", "latest_checkpoint", "run_loop", "train"]
 
 
+def _step_dirs(out: Path) -> list[Path]:
+    """A run's checkpoint folders (`checkpoints/step-NNNNNN`), oldest first."""
+    return sorted(p for p in (out / "checkpoints").glob("step-*") if p.is_dir() and p.name[5:].isdigit())
+
+
 def latest_checkpoint(out: Path) -> Path | None:
-    found = sorted((out / "checkpoints").glob("step-*/state.json"))
-    return found[-1].parent if found else None
+    """The newest checkpoint that has its state.json, if any."""
+    found = [p for p in _step_dirs(out) if (p / "state.json").is_file()]
+    return found[-1] if found else None
 
 
 def prune_checkpoints(out: Path, keep: int) -> None:
     """Delete all but the newest `keep` checkpoints (by step) of a run; the newest is never deleted."""
-    found = sorted(p for p in (out / "checkpoints").glob("step-*") if p.is_dir() and p.name[5:].isdigit())
-    for old in found[: -max(keep, 1)]:
+    for old in _step_dirs(out)[: -max(keep, 1)]:
         shutil.rmtree(old, ignore_errors=True)
 
 
