@@ -393,10 +393,7 @@ def _rows(sweep: Sweep, results: Any) -> list[TrialRow]:
         metrics = r.metrics or {}
         iterations = int(metrics.get("training_iteration", 0) or 0)
         last_step = int(metrics.get("step", 0) or 0)
-        try:
-            steps = trial_config(sweep, dict(r.config or {}), sweep.out).steps
-        except UserError:
-            steps = sweep.config.steps
+        steps = trial_config(sweep, dict(r.config or {}), sweep.out).steps
         if r.error is not None:
             status = "error"
         elif last_step < steps:
