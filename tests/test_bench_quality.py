@@ -5,17 +5,25 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.conftest import make_data_dir, tiny_gpt2
 
 
-def test_quality_smoke_runs_every_method_and_checks_claims_from_its_own_numbers(tmp_path, gpt2_tokenizer):
-    from bench import quality
-
+@pytest.fixture
+def smoke_args(tmp_path, gpt2_tokenizer) -> list[str]:
+    """bench.quality's arguments for the smoke size on a tiny model and a hand-made data folder."""
     tiny_gpt2().save_pretrained(tmp_path / "model")
     gpt2_tokenizer.save_pretrained(tmp_path / "model")
     make_data_dir(tmp_path / "data", k=4, n_train=3)
+    return ["--size", "smoke", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "data"), "--setting", "toy"]
+
+
+def test_quality_smoke_runs_every_method_and_checks_claims_from_its_own_numbers(tmp_path, smoke_args):
+    from bench import quality
+
     out = tmp_path / "q"
-    args = ["--size", "smoke", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "data"), "--setting", "toy"]
+    args = smoke_args
     quality.main([*args, "--out", str(out)])
     result = json.loads((out / "quality.json").read_text())
     models = {(r["model"], r["variant"], r["mode"]) for r in result["rows"]}
@@ -41,18 +49,14 @@ def test_quality_smoke_runs_every_method_and_checks_claims_from_its_own_numbers(
     assert {p: p.stat().st_mtime for p in (out / "eval").glob("*.json")} == before
 
 
-def test_quality_overrides_reach_every_run_and_core_only_skips_adaptation_and_limited_data(tmp_path, gpt2_tokenizer):
-    import pytest
+def test_quality_overrides_reach_every_run_and_core_only_skips_adaptation_and_limited_data(tmp_path, smoke_args):
     import yaml
 
     from bench import quality
     from raymeta.errors import UserError
 
-    tiny_gpt2().save_pretrained(tmp_path / "model")
-    gpt2_tokenizer.save_pretrained(tmp_path / "model")
-    make_data_dir(tmp_path / "data", k=4, n_train=3)
     out = tmp_path / "q"
-    args = ["--size", "smoke", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "data"), "--setting", "toy"]
+    args = smoke_args
     sets = ["--set", "inner.lr=0.5", "--set", "outer.lr=0.25"]
     quality.main([*args, "--methods", "metaicl,maml_en_llm", "--core-only", *sets, "--out", str(out)])
     result = json.loads((out / "quality.json").read_text())
