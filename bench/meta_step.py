@@ -3,17 +3,19 @@
 Methods: metaicl, fomaml, maml_en_llm with an SGD inner loop, maml_en_llm with an AdamW inner loop and
 shared moments. Models: a 4-layer GPT-2 with the full 50257-token vocabulary (random weights) and
 SmolLM2-135M. n=2 tasks, K=1, support and query of one 256-token sequence each (the last 16 tokens
-scored). Each (model, method) runs in a fresh process: peak memory is the process's maximum RSS minus
-its RSS just before the step. A 16-token warm-up step precedes the timed one.
+scored). Each (model, method) runs in two fresh processes, both after a 16-token warm-up step: one
+times `--repeats` steps with the default allocator (the median is reported), the other measures peak
+memory as the maximum RSS minus the RSS just before one step, with glibc's mmap threshold at 64 KiB
+so that RSS follows the live tensors (see `bench/common.py`).
 
-    python -m bench.meta_step [--models tiny_gpt2,smollm2] [--tokens 256] [--out bench/results/meta_step.json]
+    python -m bench.meta_step [--models tiny_gpt2,smollm2] [--tokens 256] [--repeats 3] [--out bench/results/meta_step.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -27,10 +29,13 @@ METHODS = {
 }
 
 
-def one(model_name: str, method: str, tokens: int, threads: int | None) -> dict:
+def one(model_name: str, method: str, tokens: int, threads: int | None, measure: str, repeats: int) -> dict:
     import torch
 
-    from bench.common import bench_model, rss_mb
+    from bench.common import bench_model, check_memory_env, peak_rss_mb, rss_mb
+
+    if measure == "memory":
+        check_memory_env()
     from raymeta.config import load_config
     from raymeta.meta import Batch, MetaLearner, TaskBatch
 
@@ -49,18 +54,21 @@ def one(model_name: str, method: str, tokens: int, threads: int | None) -> dict:
         return [TaskBatch(f"t{i}", batch(2 * i, length), batch(2 * i + 1, length)) for i in range(2)]
 
     learner.step(tasks(16))  # warm-up: first-call overheads out of the timing
-    rss_before = rss_mb()
-    start = time.perf_counter()
-    metrics = learner.step(tasks(tokens))
-    seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if measure == "memory":
+        rss_before = rss_mb()
+        learner.step(tasks(tokens))
+        return {"peak_extra_mib": peak_rss_mb() - rss_before, "rss_before_mib": rss_before}
+    times = []
+    for _ in range(repeats):  # each step updates the weights: the later steps see slightly different ones
+        start = time.perf_counter()
+        metrics = learner.step(tasks(tokens))
+        times.append(time.perf_counter() - start)
     return {
         "model": model_name,
         "method": method,
         "params_millions": sum(p.numel() for p in model.parameters()) / 1e6,
-        "seconds": seconds,
-        "peak_extra_mib": peak - rss_before,
-        "rss_before_mib": rss_before,
+        "seconds": statistics.median(times),
+        "seconds_all": times,
         "meta_loss": metrics.query_loss,
         "grad_norm": metrics.grad_norm,
     }
@@ -72,24 +80,28 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=3, help="timed steps per method (the median is reported)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/meta_step.json"))
-    ap.add_argument("--one", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
+    ap.add_argument("--one", nargs=3, metavar=("MODEL", "METHOD", "MEASURE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(one(args.one[0], args.one[1], args.tokens, args.threads)))
+        print(json.dumps(one(*args.one[:2], args.tokens, args.threads, args.one[2], args.repeats)))
         return
 
-    from bench.common import environment
+    from bench.common import environment, memory_env, memory_measurement
     from raymeta.io import atomic_write_json
 
     rows = []
     for model_name in args.models.split(","):
         for method in args.methods.split(","):
-            cmd = [sys.executable, "-m", "bench.meta_step", "--one", model_name, method, "--tokens", str(args.tokens)]
+            cmd = [sys.executable, "-m", "bench.meta_step", "--tokens", str(args.tokens), "--repeats", str(args.repeats)]
             if args.threads:
                 cmd += ["--threads", str(args.threads)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
-            row = json.loads(proc.stdout.strip().splitlines()[-1])
+            row = {}
+            for measure, env in (("time", None), ("memory", memory_env())):
+                one_cmd = [*cmd, "--one", model_name, method, measure]
+                proc = subprocess.run(one_cmd, capture_output=True, text=True, check=True, env=env)
+                row.update(json.loads(proc.stdout.strip().splitlines()[-1]))
             rows.append(row)
             print(f"{model_name:10s} {method:26s} {row['seconds']:8.2f} s  peak +{row['peak_extra_mib']:8.0f} MiB")
     ratios = {}
@@ -110,6 +122,8 @@ def main() -> None:
         "tasks": 2,
         "inner_steps": 1,
         "tokens": args.tokens,
+        "repeats": args.repeats,
+        "memory_measurement": memory_measurement(),
         "rows": rows,
         "ratios": ratios,
     }

@@ -7,9 +7,12 @@ the tasks. Same model, same batches (one `--tokens`-token support and query sequ
 last 16 tokens scored), same outer state, and all three run SDPA's math backend (the only one with a
 double backward). Adam's eps is 0 here, because `higher` adds eps before the bias correction and
 torch.optim/raymeta/TorchOpt after it; the outer second moment is strictly positive, so nothing
-divides by zero. Each (model, implementation) runs in a fresh process: time of the step after a
-short warm-up step, peak memory as maximum RSS minus the RSS before the step. The meta-gradients are
-compared against raymeta's (relative L2 error, cosine).
+divides by zero. Each (model, implementation) runs in two fresh processes, both after a short
+warm-up step: one times `--repeats` steps with the default allocator (the median is reported), the
+other measures peak memory as maximum RSS minus the RSS before one step, with glibc's mmap threshold
+at 64 KiB so that RSS follows the live tensors (`bench/common.py` explains why the default allocator
+hides buffers that the warm-up step had already made room for). The meta-gradients are compared
+against raymeta's (relative L2 error, cosine).
 
 What each implementation does the way its documentation shows:
 - raymeta: `task_meta_gradient` (functional_call on the base model, logits at the scored positions
@@ -22,7 +25,8 @@ What each implementation does the way its documentation shows:
 Then the achieved GFLOP/s of raymeta's step (FLOPs counted by `torch.utils.flop_counter` in a
 separate pass) next to this machine's fp32 matmul GFLOP/s.
 
-    python -m bench.speed [--models tiny_gpt2,smollm2] [--tokens 256] [--inner-steps 1] [--out bench/results/speed.json]
+    python -m bench.speed [--models tiny_gpt2,smollm2] [--tokens 256] [--inner-steps 1] [--repeats 3]
+                          [--out bench/results/speed.json]
 
 Needs `pip install higher==0.2.1 torchopt==0.7.3 graphviz` (the `bench` extra of pyproject.toml).
 """
@@ -31,7 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -175,28 +179,35 @@ def _meta_grad_torchopt(model, tasks, m, v, k):  # type: ignore[no-untyped-def]
 STEPS = {"raymeta": _meta_grad_raymeta, "higher": _meta_grad_higher, "torchopt": _meta_grad_torchopt}
 
 
-def one(model_name: str, impl: str, tokens: int, k: int, grads_out: Path | None) -> dict:
+def one(model_name: str, impl: str, tokens: int, k: int, measure: str, repeats: int, grads_out: Path | None) -> dict:
+    """`measure` "time": the median of `repeats` steps (and the meta-gradient); "memory": one step's peak."""
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from bench.common import rss_mb
+    from bench.common import check_memory_env, peak_rss_mb, rss_mb
 
+    if measure == "memory":
+        check_memory_env()
     model, tasks, m, v = _setup(model_name, tokens)
     with sdpa_kernel([SDPBackend.MATH]):
         STEPS[impl](model, tasks(32), m, v, k)  # warm-up
-        rss_before = rss_mb()
-        start = time.perf_counter()
-        grads = STEPS[impl](model, tasks(tokens), m, v, k)
-        seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        if measure == "memory":
+            rss_before = rss_mb()
+            STEPS[impl](model, tasks(tokens), m, v, k)
+            return {"peak_extra_mib": peak_rss_mb() - rss_before}
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            grads = STEPS[impl](model, tasks(tokens), m, v, k)
+            times.append(time.perf_counter() - start)
     flat = torch.cat([g.detach().reshape(-1) for g in grads])
     if grads_out is not None:
         torch.save(flat, grads_out)
     return {
         "model": model_name,
         "impl": impl,
-        "seconds": seconds,
-        "peak_extra_mib": peak - rss_before,
+        "seconds": statistics.median(times),
+        "seconds_all": times,
         "grad_norm": float(flat.norm()),
         "finite": bool(torch.isfinite(flat).all()),
     }
@@ -229,12 +240,15 @@ def main() -> None:
     ap.add_argument("--impls", default=",".join(IMPLS))
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--inner-steps", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3, help="timed steps per implementation (the median is reported)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/speed.json"))
-    ap.add_argument("--one", nargs=3, metavar=("MODEL", "IMPL", "GRADS"), help=argparse.SUPPRESS)
+    ap.add_argument("--one", nargs=4, metavar=("MODEL", "IMPL", "MEASURE", "GRADS"), help=argparse.SUPPRESS)
     ap.add_argument("--flops", metavar="MODEL", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(one(args.one[0], args.one[1], args.tokens, args.inner_steps, Path(args.one[2]))))
+        model, impl, measure, grads = args.one
+        grads_out = Path(grads) if grads != "-" else None
+        print(json.dumps(one(model, impl, args.tokens, args.inner_steps, measure, args.repeats, grads_out)))
         return
     if args.flops:
         print(json.dumps({"flops": flops(args.flops, args.tokens, args.inner_steps)}))
@@ -242,12 +256,13 @@ def main() -> None:
 
     import torch
 
-    from bench.common import environment
+    from bench.common import environment, memory_env, memory_measurement
     from raymeta.io import atomic_write_json
 
-    def run(*extra: str) -> dict:
-        cmd = [sys.executable, "-m", "bench.speed", "--tokens", str(args.tokens), "--inner-steps", str(args.inner_steps), *extra]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+    def run(*extra: str, env: dict[str, str] | None = None) -> dict:
+        cmd = [sys.executable, "-m", "bench.speed", "--tokens", str(args.tokens), "--inner-steps", str(args.inner_steps)]
+        cmd += ["--repeats", str(args.repeats), *extra]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
         return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -260,7 +275,9 @@ def main() -> None:
             results = {}
             for impl in args.impls.split(","):
                 grads = Path(tmp) / f"{model}-{impl}.pt"
-                r = run("--one", model, impl, str(grads))
+                r = run("--one", model, impl, "time", str(grads))
+                if "error" not in r:
+                    r.update(run("--one", model, impl, "memory", "-", env=memory_env()))
                 r.update(model=model, impl=impl)
                 if "error" not in r and impl != "raymeta" and (Path(tmp) / f"{model}-raymeta.pt").is_file():
                     ref = torch.load(Path(tmp) / f"{model}-raymeta.pt")
@@ -279,7 +296,7 @@ def main() -> None:
             if "seconds" in ours and count.get("flops"):
                 entry["raymeta_gflops_per_s"] = count["flops"] / ours["seconds"] / 1e9
                 entry["share_of_matmul_peak"] = entry["raymeta_gflops_per_s"] / machine
-            if peers and "seconds" in ours:
+            if peers and "error" not in ours and "seconds" in ours:
                 fastest = min(peers, key=lambda r: r["seconds"])
                 smallest = min(peers, key=lambda r: r["peak_extra_mib"])
                 entry["speedup_vs_fastest_peer"] = fastest["seconds"] / ours["seconds"]
@@ -297,6 +314,8 @@ def main() -> None:
         "tokens": args.tokens,
         "inner_steps": args.inner_steps,
         "tasks": N_TASKS,
+        "repeats": args.repeats,
+        "memory_measurement": memory_measurement(),
         "runs": rows,
         "summary": summary,
         "goals": {"speedup_vs_fastest_peer": ">= 1.3", "memory_vs_fastest_peer": "<= 0.7"},
