@@ -104,15 +104,34 @@ class _AdamConsts:
     l2: float  # Adam's L2 coefficient, added to the gradient (0.0: none)
 
 
+# Elements per chunk: the step runs a dozen elementwise passes, and on a chunk of 1 MB per tensor they
+# stay in the CPU's cache instead of each reading and writing whole model-sized tensors in memory
+_CHUNK = 1 << 18
+
+
+def _chunks(n: int) -> list[slice]:
+    return [slice(i, min(i + _CHUNK, n)) for i in range(0, n, _CHUNK)]
+
+
+def _flat(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.reshape(-1)
+
+
 def _adam_moments(
-    p: torch.Tensor | None, g: torch.Tensor, m0: torch.Tensor, v0: torch.Tensor, c: _AdamConsts
+    p: torch.Tensor | None,
+    g: torch.Tensor,
+    m0: torch.Tensor,
+    v0: torch.Tensor,
+    c: _AdamConsts,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(the effective gradient, m', v') in torch.optim's fused operations: lerp and addcmul."""
     if c.l2:
         assert p is not None
         g = torch.add(g, p, alpha=c.l2)
-    m = torch.lerp(m0, g, 1 - c.b1)
-    v = torch.mul(v0, c.b2).addcmul_(g, g, value=1 - c.b2)
+    m, v = out if out is not None else (torch.empty_like(m0), torch.empty_like(v0))
+    torch.lerp(m0, g, 1 - c.b1, out=m)
+    torch.mul(v0, c.b2, out=v).addcmul_(g, g, value=1 - c.b2)
     return g, m, v
 
 
@@ -124,6 +143,61 @@ def _root_(v: torch.Tensor, c: _AdamConsts) -> torch.Tensor:
     return v.sqrt_()
 
 
+def _forward_chunk(p: torch.Tensor, g: torch.Tensor, m0: torch.Tensor, v0: torch.Tensor, c: _AdamConsts, out: tuple) -> None:
+    """p', m', v' of one chunk, written into `out` (slices of the outputs)."""
+    new_p, m, v = out
+    _, m, v = _adam_moments(p, g, m0, v0, c, out=(m, v))
+    denom = torch.div(v, c.bc2)
+    if c.eps_root:
+        denom.add_(c.eps_root)
+    denom.sqrt_()
+    if c.eps:
+        denom.add_(c.eps)
+    base = p.mul(c.decay) if c.decay != 1.0 else p
+    torch.addcdiv(base, m, denom, value=-(c.lr / c.bc1), out=new_p)
+
+
+def _backward_chunk(
+    p: torch.Tensor | None,
+    g: torch.Tensor,
+    m0: torch.Tensor,
+    v0: torch.Tensor,
+    a_p: torch.Tensor | None,
+    a_m: torch.Tensor | None,
+    a_v: torch.Tensor | None,
+    c: _AdamConsts,
+    out: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None],
+) -> None:
+    """∂g, ∂m0 and ∂v0 of one chunk (see `_AdamStep`), written into `out` (slices; None: not needed)."""
+    out_g, out_m0, out_v0 = out
+    g_eff, m, r = _adam_moments(p, g, m0, v0, c)
+    s = c.lr / c.bc1
+    if a_p is not None:
+        r = _root_(r, c)
+        d = r + c.eps if c.eps else r
+        q = a_p / d
+        dr = r.mul_(d)  # d·r, in place of r (d is r itself when eps = 0: r²)
+        if a_m is None and a_v is None and out_m0 is None and out_v0 is None:
+            # the last inner step: ∂g = s·q·((1-β2)/bc2 · g·m'/(d·r) - (1-β1)), in 4 passes
+            gm = m.mul_(g_eff).mul_(q)
+            out_g.copy_(q.mul_(-s * (1 - c.b1)).addcdiv_(gm, dr, value=s * (1 - c.b2) / c.bc2))
+            return
+        adj_v = m.mul_(q).div_(dr).mul_(s / (2 * c.bc2))
+        adj_m = q.mul_(-s)
+        if a_m is not None:
+            adj_m.add_(a_m)
+        if a_v is not None:
+            adj_v.add_(a_v)
+    else:
+        adj_m = a_m if a_m is not None else torch.zeros_like(g)
+        adj_v = a_v if a_v is not None else torch.zeros_like(g)
+    torch.mul(adj_m, 1 - c.b1, out=out_g).addcmul_(g_eff, adj_v, value=2 * (1 - c.b2))
+    if out_m0 is not None:
+        torch.mul(adj_m, c.b1, out=out_m0)
+    if out_v0 is not None:
+        torch.mul(adj_v, c.b2, out=out_v0)
+
+
 class _AdamStep(torch.autograd.Function):
     """One Adam(W) step of one tensor: (p, g, m0, v0) -> (p', m', v'), differentiable in all four inputs.
 
@@ -133,30 +207,26 @@ class _AdamStep(torch.autograd.Function):
     ∂g = (1-β1)·ā_m + 2(1-β2)·g·ā_v,  ∂m0 = β1·ā_m,  ∂v0 = β2·ā_v,  ∂p = decay·a_p + l2·∂g.
     The backward itself is not differentiable again (third order is never needed).
 
-    Both directions are written for memory bandwidth, which bounds them on a CPU: each model-sized pass
-    reads and writes hundreds of MB. Fused operations (lerp, addcmul, addcdiv) and in-place updates
-    of the buffers they own keep the forward at 6-8 passes and the backward of the last inner step
-    (only p' reaches the loss) at 11-14; written as separate operations they took about twice as many
-    passes and allocations, and the Adam step was 47 % of a SmolLM2 second-order meta-step.
+    Both directions are written for memory bandwidth, which bounds them on a CPU: fused operations
+    (lerp, addcmul, addcdiv), in-place updates, and chunks of `_CHUNK` elements, so that the dozen
+    passes over a chunk run in cache and only the inputs and outputs travel to memory. Written as
+    whole-tensor separate operations, the Adam step was 47 % of a SmolLM2 second-order meta-step.
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any, p: torch.Tensor, g: torch.Tensor, m0: torch.Tensor, v0: torch.Tensor, c: _AdamConsts
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        _, m, v = _adam_moments(p, g, m0, v0, c)
-        denom = torch.div(v, c.bc2)
-        if c.eps_root:
-            denom.add_(c.eps_root)
-        denom.sqrt_()
-        if c.eps:
-            denom.add_(c.eps)
-        base = p.mul(c.decay) if c.decay != 1.0 else p
-        new_p = torch.addcdiv(base, m, denom, value=-(c.lr / c.bc1))
+        outs = tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (p, m0, v0))
+        ins = [t.reshape(-1) for t in (p, g, m0, v0)]
+        flat_outs = [o.view(-1) for o in outs]
+        for sl in _chunks(p.numel()):
+            fp, fg, fm0, fv0 = (t[sl] for t in ins)
+            _forward_chunk(fp, fg, fm0, fv0, c, tuple(o[sl] for o in flat_outs))
         ctx.c = c
         ctx.save_for_backward(p if c.l2 else None, g, m0, v0)
         ctx.set_materialize_grads(False)
-        return new_p, m, v
+        return outs[0], outs[1], outs[2]
 
     @staticmethod
     @once_differentiable
@@ -167,39 +237,20 @@ class _AdamStep(torch.autograd.Function):
         p, g, m0, v0 = ctx.saved_tensors
         if a_p is None and a_m is None and a_v is None:
             return None, None, None, None, None
-        need_m0, need_v0 = ctx.needs_input_grad[2], ctx.needs_input_grad[3]
-        g_eff, m, r = _adam_moments(p, g, m0, v0, c)
-        s = c.lr / c.bc1
-        grad_g: torch.Tensor | None
-        if a_p is not None:
-            r = _root_(r, c)
-            d = r + c.eps if c.eps else r
-            q = a_p / d
-            dr = r.mul_(d)  # d·r, in place of r (d is r itself when eps = 0: r²)
-            del d
-            if a_m is None and a_v is None and not need_m0 and not need_v0:
-                # the last inner step: ∂g = s·q·((1-β2)/bc2 · g·m'/(d·r) - (1-β1)), in 4 passes
-                gm = m.mul_(g_eff).mul_(q)
-                grad_g = q.mul_(-s * (1 - c.b1)).addcdiv_(gm, dr, value=s * (1 - c.b2) / c.bc2)
-                adj_m = adj_v = None
-            else:
-                adj_v = m.mul_(q).div_(dr).mul_(s / (2 * c.bc2))
-                adj_m = q.mul_(-s)
-                if a_m is not None:
-                    adj_m.add_(a_m)
-                if a_v is not None:
-                    adj_v.add_(a_v)
-                grad_g = None
-            del dr
-        else:
-            adj_m = a_m if a_m is not None else torch.zeros_like(g)
-            adj_v = a_v if a_v is not None else torch.zeros_like(g)
-            grad_g = None
-        if grad_g is None:
-            assert adj_m is not None and adj_v is not None
-            grad_g = adj_m.mul(1 - c.b1).addcmul_(g_eff, adj_v, value=2 * (1 - c.b2))
-        grad_m0 = c.b1 * adj_m if need_m0 and adj_m is not None else None
-        grad_v0 = c.b2 * adj_v if need_v0 and adj_v is not None else None
+
+        def new() -> torch.Tensor:
+            return torch.empty_like(g, memory_format=torch.contiguous_format)
+
+        grad_g = new()
+        grad_m0 = new() if ctx.needs_input_grad[2] else None
+        grad_v0 = new() if ctx.needs_input_grad[3] else None
+        ins = [_flat(t) for t in (p, a_p, a_m, a_v)]
+        fg, fm0, fv0, out_g = (t.reshape(-1) for t in (g, m0, v0, grad_g))
+        outs = [_flat(t) for t in (grad_m0, grad_v0)]
+        for sl in _chunks(g.numel()):
+            fp, fap, fam, fav = (t[sl] if t is not None else None for t in ins)
+            out_m0, out_v0 = (t[sl] if t is not None else None for t in outs)
+            _backward_chunk(fp, fg[sl], fm0[sl], fv0[sl], fap, fam, fav, c, (out_g[sl], out_m0, out_v0))
         grad_p = None
         if ctx.needs_input_grad[0]:
             if a_p is None:

@@ -223,7 +223,10 @@ def test_init_policy_leaves_the_outer_state_to_the_meta_gradient():
     assert float(learner.state.m[name].flatten()[0]) == pytest.approx(0.9 * 0.1 + 0.1 * 0.2)  # the inner 9.0 is ignored
 
 
-def test_differentiable_adam_matches_torch_optim_over_several_steps():
+@pytest.mark.parametrize("chunk", [None, 4])
+def test_differentiable_adam_matches_torch_optim_over_several_steps(chunk, monkeypatch):
+    if chunk:
+        monkeypatch.setattr("raymeta.optim._CHUNK", chunk)
     torch.manual_seed(0)
     for name, cls in (("adamw", torch.optim.AdamW), ("adam", torch.optim.Adam)):
         p0 = {"a": torch.randn(5, 3, dtype=torch.float64), "b": torch.randn(4, dtype=torch.float64)}
@@ -244,7 +247,10 @@ def test_differentiable_adam_matches_torch_optim_over_several_steps():
 
 @pytest.mark.parametrize("name,wd", [("adam", 0.0), ("adam", 0.1), ("adamw", 0.1)])
 @pytest.mark.parametrize("eps", [1e-3, 0.0])
-def test_adam_step_backward_matches_autograd_of_the_formula(name, wd, eps):
+@pytest.mark.parametrize("chunk", [None, 5])
+def test_adam_step_backward_matches_autograd_of_the_formula(name, wd, eps, chunk, monkeypatch):
+    if chunk:  # the step works in chunks of a tensor's elements: 12 elements in chunks of 5, 5 and 2
+        monkeypatch.setattr("raymeta.optim._CHUNK", chunk)
     # the hand-written backward of one step, in all four inputs and for every output, against gradcheck
     # (finite differences) and against autograd through torch.optim's formula written out elementwise
     spec, step0 = OptimizerSpec(name, 0.03, (0.9, 0.99), eps, 1e-12, wd), 2
