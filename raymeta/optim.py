@@ -104,12 +104,17 @@ class _AdamConsts:
     l2: float  # Adam's L2 coefficient, added to the gradient (0.0: none)
 
 
-# Elements per chunk: the step runs a dozen elementwise passes, and on a chunk of 1 MB per tensor they
-# stay in the CPU's cache instead of each reading and writing whole model-sized tensors in memory
+# Elements per chunk on a CPU: the step runs a dozen elementwise passes, and on a chunk of 1 MB per
+# tensor they stay in the cache instead of each reading and writing whole model-sized tensors in
+# memory (`python -m bench.adam_step`). On a GPU every chunk would be another dozen kernel launches,
+# so there a tensor is one chunk.
 _CHUNK = 1 << 18
 
 
-def _chunks(n: int) -> list[slice]:
+def _chunks(t: torch.Tensor) -> list[slice]:
+    n = t.numel()
+    if t.device.type != "cpu":
+        return [slice(0, n)]
     return [slice(i, min(i + _CHUNK, n)) for i in range(0, n, _CHUNK)]
 
 
@@ -220,7 +225,7 @@ class _AdamStep(torch.autograd.Function):
         outs = tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (p, m0, v0))
         ins = [t.reshape(-1) for t in (p, g, m0, v0)]
         flat_outs = [o.view(-1) for o in outs]
-        for sl in _chunks(p.numel()):
+        for sl in _chunks(p):
             fp, fg, fm0, fv0 = (t[sl] for t in ins)
             _forward_chunk(fp, fg, fm0, fv0, c, tuple(o[sl] for o in flat_outs))
         ctx.c = c
@@ -247,7 +252,7 @@ class _AdamStep(torch.autograd.Function):
         ins = [_flat(t) for t in (p, a_p, a_m, a_v)]
         fg, fm0, fv0, out_g = (t.reshape(-1) for t in (g, m0, v0, grad_g))
         outs = [_flat(t) for t in (grad_m0, grad_v0)]
-        for sl in _chunks(g.numel()):
+        for sl in _chunks(g):
             fp, fap, fam, fav = (t[sl] if t is not None else None for t in ins)
             out_m0, out_v0 = (t[sl] if t is not None else None for t in outs)
             _backward_chunk(fp, fg[sl], fm0[sl], fv0[sl], fap, fam, fav, c, (out_g[sl], out_m0, out_v0))
