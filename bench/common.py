@@ -4,12 +4,23 @@ from __future__ import annotations
 
 import os
 import platform
+import statistics
 import sys
 import time
+from collections.abc import Callable
 from importlib import metadata
 from typing import Any
 
-__all__ = ["bench_model", "environment", "rss_mb", "peak_rss_mb", "memory_env", "memory_measurement", "check_memory_env"]
+__all__ = [
+    "bench_model",
+    "check_memory_env",
+    "environment",
+    "measure_step",
+    "memory_env",
+    "memory_measurement",
+    "peak_rss_mb",
+    "rss_mb",
+]
 
 # glibc keeps a freed chunk below its mmap threshold in the heap (the threshold starts at 128 KiB and
 # rises, up to 32 MiB, each time a mapped chunk is freed), and the process's RSS keeps it. After a
@@ -39,6 +50,23 @@ def check_memory_env() -> None:
     """Refuse to measure memory in a process started without `memory_env()` (its numbers would be low)."""
     if os.environ.get("MALLOC_MMAP_THRESHOLD_") != MMAP_THRESHOLD and platform.libc_ver()[0] == "glibc":
         raise SystemExit("memory runs need MALLOC_MMAP_THRESHOLD_=" + MMAP_THRESHOLD + " (bench.common.memory_env)")
+
+
+def measure_step(step: Callable[[], Any], measure: str, repeats: int) -> tuple[dict[str, Any], Any]:
+    """Run `step` after the caller's warm-up. "memory": once, its peak above the RSS before it (the process
+    must have been started with `memory_env()`); "time": `repeats` times, the median and every time.
+    Returns the measurement and the last step's result (None for memory)."""
+    if measure == "memory":
+        check_memory_env()
+        before = rss_mb()
+        step()
+        return {"peak_extra_mib": peak_rss_mb() - before, "rss_before_mib": before}, None
+    times, result = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = step()
+        times.append(time.perf_counter() - start)
+    return {"seconds": statistics.median(times), "seconds_all": times}, result
 
 
 def peak_rss_mb() -> float:

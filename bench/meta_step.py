@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 METHODS = {
@@ -32,10 +30,7 @@ METHODS = {
 def one(model_name: str, method: str, tokens: int, threads: int | None, measure: str, repeats: int) -> dict:
     import torch
 
-    from bench.common import bench_model, check_memory_env, peak_rss_mb, rss_mb
-
-    if measure == "memory":
-        check_memory_env()
+    from bench.common import bench_model, measure_step
     from raymeta.config import load_config
     from raymeta.meta import Batch, MetaLearner, TaskBatch
 
@@ -54,21 +49,15 @@ def one(model_name: str, method: str, tokens: int, threads: int | None, measure:
         return [TaskBatch(f"t{i}", batch(2 * i, length), batch(2 * i + 1, length)) for i in range(2)]
 
     learner.step(tasks(16))  # warm-up: first-call overheads out of the timing
+    # each timed step updates the weights: the later steps see slightly different ones
+    measured, metrics = measure_step(lambda: learner.step(tasks(tokens)), measure, repeats)
     if measure == "memory":
-        rss_before = rss_mb()
-        learner.step(tasks(tokens))
-        return {"peak_extra_mib": peak_rss_mb() - rss_before, "rss_before_mib": rss_before}
-    times = []
-    for _ in range(repeats):  # each step updates the weights: the later steps see slightly different ones
-        start = time.perf_counter()
-        metrics = learner.step(tasks(tokens))
-        times.append(time.perf_counter() - start)
+        return measured
     return {
         "model": model_name,
         "method": method,
         "params_millions": sum(p.numel() for p in model.parameters()) / 1e6,
-        "seconds": statistics.median(times),
-        "seconds_all": times,
+        **measured,
         "meta_loss": metrics.query_loss,
         "grad_norm": metrics.grad_norm,
     }

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -184,30 +183,21 @@ def one(model_name: str, impl: str, tokens: int, k: int, measure: str, repeats: 
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from bench.common import check_memory_env, peak_rss_mb, rss_mb
+    from bench.common import measure_step
 
-    if measure == "memory":
-        check_memory_env()
     model, tasks, m, v = _setup(model_name, tokens)
     with sdpa_kernel([SDPBackend.MATH]):
         STEPS[impl](model, tasks(32), m, v, k)  # warm-up
-        if measure == "memory":
-            rss_before = rss_mb()
-            STEPS[impl](model, tasks(tokens), m, v, k)
-            return {"peak_extra_mib": peak_rss_mb() - rss_before}
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            grads = STEPS[impl](model, tasks(tokens), m, v, k)
-            times.append(time.perf_counter() - start)
+        measured, grads = measure_step(lambda: STEPS[impl](model, tasks(tokens), m, v, k), measure, repeats)
+    if measure == "memory":
+        return measured
     flat = torch.cat([g.detach().reshape(-1) for g in grads])
     if grads_out is not None:
         torch.save(flat, grads_out)
     return {
         "model": model_name,
         "impl": impl,
-        "seconds": statistics.median(times),
-        "seconds_all": times,
+        **measured,
         "grad_norm": float(flat.norm()),
         "finite": bool(torch.isfinite(flat).all()),
     }
