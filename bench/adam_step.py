@@ -1,6 +1,6 @@
 """The differentiable Adam step alone, forward and backward, on a model's weights, by chunk size.
 
-raymeta's Adam step (`raymeta/optim.py`, `_AdamStep`) runs its elementwise passes in chunks of
+raymeta's Adam step (`raymeta/core/optim/adam.py`, `_AdamStep`) runs its elementwise passes in chunks of
 `_CHUNK` elements on a CPU. This times one step over every weight tensor of the model (fresh p and
 g, moments from step 10, eps 0) and its backward when only p' reaches the loss (a task's last inner
 step), for each chunk size, including one chunk per tensor (no chunking). Each chunk size runs
@@ -29,8 +29,9 @@ def main() -> None:
 
     import torch
 
-    import raymeta.optim as optim
+    import raymeta.core.optim.adam as adam
     from bench.common import bench_model, environment
+    from raymeta.core import optim
     from raymeta.io import atomic_write_json
 
     params = {n: p.detach() for n, p in bench_model(args.model).named_parameters()}
@@ -50,13 +51,13 @@ def main() -> None:
 
     times: dict[str, list[tuple[float, float]]] = {label: [] for label in CHUNKS}
     for chunk in CHUNKS.values():  # warm-up
-        optim._CHUNK = chunk
+        adam._CHUNK = chunk
         once()
     for _ in range(args.repeats):
         for label, chunk in CHUNKS.items():
-            optim._CHUNK = chunk
+            adam._CHUNK = chunk
             times[label].append(once())
-    optim._CHUNK = CHUNKS["2^18 (default)"]
+    adam._CHUNK = CHUNKS["2^18 (default)"]
     rows = [
         {
             "chunk": label,

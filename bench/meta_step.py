@@ -32,14 +32,15 @@ def one(model_name: str, method: str, tokens: int, threads: int | None, measure:
 
     from bench.common import bench_model, measure_step
     from raymeta.config import load_config
-    from raymeta.meta import Batch, MetaLearner, TaskBatch
+    from raymeta.core.lm import Batch
+    from raymeta.core.meta import MetaLearner, TaskBatch
 
     if threads:
         torch.set_num_threads(threads)
     model = bench_model(model_name)
     vocab = model.config.vocab_size
     cfg = load_config(None, [*METHODS[method], "tasks_per_step=2", "inner.steps=1", "inner.lr=1e-5", "outer.lr=1e-5"])
-    learner = MetaLearner(model, cfg)
+    learner = MetaLearner(model, cfg.meta)
 
     def batch(seed: int, length: int) -> Batch:
         g = torch.Generator().manual_seed(seed)

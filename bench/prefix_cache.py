@@ -17,11 +17,11 @@ import torch
 
 from bench.common import environment
 from raymeta.data import open_data
+from raymeta.data.prompts import PromptBuilder, PromptFormat
 from raymeta.eval.icl import predictions_from_losses
 from raymeta.eval.scoring import OptionScorer
 from raymeta.io import atomic_write_json
 from raymeta.models import load_model, load_tokenizer
-from raymeta.prompts import PromptBuilder, PromptFormat
 
 
 def main() -> None:

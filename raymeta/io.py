@@ -9,16 +9,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write_text", "atomic_write_bytes", "atomic_write_json", "atomic_dir", "home", "read_yaml"]
+import yaml
 
+from raymeta.errors import UserError
 
-def home() -> Path:
-    """raymeta's cache folder: $RAYMETA_HOME, else $XDG_CACHE_HOME/raymeta, else ~/.cache/raymeta."""
-    env = os.environ.get("RAYMETA_HOME")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "raymeta"
+__all__ = ["atomic_write_text", "atomic_write_bytes", "atomic_write_json", "atomic_dir", "read_yaml"]
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -35,10 +30,6 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def read_yaml(path: Path, what: str) -> Any:
     """A YAML file's content; a missing file or bad YAML is one `UserError` naming the file and line."""
-    import yaml
-
-    from raymeta.errors import UserError
-
     if not path.is_file():
         raise UserError(f"{path}: {what} not found")
     try:

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from raymeta.errors import UserError
+from raymeta.paths import paths
 
 __all__ = ["BUILTIN", "resolve_model_dir", "load_model", "load_tokenizer"]
 
@@ -28,20 +29,18 @@ _DTYPES = {
 def resolve_model_dir(spec: str, root: Path | None = None) -> Path:
     """`builtin` -> the fetched SmolLM2 folder; a folder with config.json; or a checkpoint folder
     holding a `model/` subfolder."""
-    from raymeta.assets import paths
-
     if spec == BUILTIN:
         folder = paths(root).smollm2
         if not (folder / "config.json").is_file():
-            raise UserError(f"--model builtin: SmolLM2 is not fetched yet ({folder}); run `raymeta fetch` first")
+            raise UserError(f"builtin: SmolLM2 is not fetched yet ({folder}); run `raymeta fetch` first", key="model")
         return folder
     folder = Path(spec).expanduser()
     if not folder.is_dir():
-        raise UserError(f"--model {spec}: folder not found (expected 'builtin' or a Hugging Face model folder)")
+        raise UserError(f"{spec}: folder not found (expected 'builtin' or a Hugging Face model folder)", key="model")
     for candidate in (folder, folder / "model"):
         if (candidate / "config.json").is_file():
             return candidate
-    raise UserError(f"--model {spec}: not a Hugging Face model folder (no config.json in it or in its model/ subfolder)")
+    raise UserError(f"{spec}: not a Hugging Face model folder (no config.json in it or in its model/ subfolder)", key="model")
 
 
 def load_model(
@@ -50,7 +49,7 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     if dtype not in _DTYPES:
-        raise UserError(f"--dtype: expected one of {', '.join(_DTYPES)}, got {dtype!r}")
+        raise UserError(f"expected one of {', '.join(_DTYPES)}, got {dtype!r}", key="dtype")
     folder = resolve_model_dir(spec, root)
     kwargs: dict[str, Any] = {"dtype": _DTYPES[dtype], "local_files_only": True, "trust_remote_code": False}
     if attn_implementation:
@@ -59,7 +58,7 @@ def load_model(
         model: Any = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     except (OSError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"--model {spec}: cannot load a causal LM from {folder} ({first})") from None
+        raise UserError(f"{spec}: cannot load a causal LM from {folder} ({first})", key="model") from None
     return model.to(device).eval()
 
 
@@ -72,5 +71,5 @@ def load_tokenizer(spec: str, root: Path | None = None) -> Any:
             try:
                 return AutoTokenizer.from_pretrained(candidate, local_files_only=True, trust_remote_code=False)
             except (OSError, ValueError) as e:
-                raise UserError(f"--model {spec}: cannot load the tokenizer in {candidate} ({e})") from None
-    raise UserError(f"--model {spec}: no tokenizer files (tokenizer.json or vocab.json) in {folder}")
+                raise UserError(f"{spec}: cannot load the tokenizer in {candidate} ({e})", key="model") from None
+    raise UserError(f"{spec}: no tokenizer files (tokenizer.json or vocab.json) in {folder}", key="model")

@@ -54,6 +54,23 @@ def tiny_llama(vocab_size: int = 50257, seed: int = 0, dtype: torch.dtype = torc
     return LlamaForCausalLM(config).to(dtype).eval()
 
 
+class CrashOnce:
+    """A fault to inject: the process that calls it dies (exit 1, no clean-up) the first time it is called
+    where `when` holds, and leaves `marker` behind so that the retry runs on. Picklable, so it travels
+    to Ray tasks and Ray Train workers as a hook (`RayExecutor(before_task=...)`, `train(after_step=...)`)."""
+
+    def __init__(self, marker: Path, step: int | None = None) -> None:
+        self.marker = str(marker)
+        self.step = step
+
+    def __call__(self, rank: int = 0, record: dict | None = None) -> None:
+        if self.step is not None and (rank != 0 or record is None or record["step"] != self.step):
+            return
+        if not os.path.exists(self.marker):
+            Path(self.marker).touch()
+            os._exit(1)
+
+
 @contextlib.contextmanager
 def local_ray(*, dashboard: bool):
     """A Ray instance of our own (2 CPUs), shut down afterwards: tests never `ray stop`."""

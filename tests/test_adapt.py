@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from raymeta.core.lm import FunctionalLM
 from raymeta.data import DataDir
+from raymeta.data.prompts import PromptBuilder, PromptFormat, make_batch
 from raymeta.errors import UserError
 from raymeta.eval.adapt import AdaptConfig, adapted
 from raymeta.eval.icl import EvalConfig, LossCache, evaluate_setting
-from raymeta.meta import FunctionalLM, make_batch
-from raymeta.prompts import PromptBuilder, PromptFormat
 from tests.conftest import make_data_dir, tiny_gpt2
 
 
@@ -32,7 +32,7 @@ def test_adaptation_lowers_the_loss_on_the_examples_and_restores_the_weights(tmp
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # restored exactly
     with adapted(model, builder, data.demonstrations("sent", 4, 13), AdaptConfig(steps=3, lr=1e-2)) as other:
         assert other != key
-    with pytest.raises(UserError, match="--adapt-optimizer"):
+    with pytest.raises(UserError, match="^adapt.optimizer: "):
         AdaptConfig(steps=1, optimizer="lion")
 
 

@@ -80,7 +80,7 @@ def test_second_order_meta_step_on_smollm2(assets, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from raymeta.config import load_config
-    from raymeta.train import train
+    from raymeta.run.api import train
 
     data = tmp_path / "data"
     _build(assets, data, "strategyqa,sports_understanding,snarks")

@@ -9,7 +9,8 @@ import torch
 
 from raymeta.data import DataDir, Example
 from raymeta.errors import UserError
-from raymeta.eval.icl import EvalConfig, LossCache, evaluate_setting, markdown_table, model_fingerprint
+from raymeta.eval.icl import EvalConfig, LossCache, evaluate_setting, model_fingerprint
+from raymeta.eval.report import markdown_table
 from tests.conftest import make_data_dir, tiny_gpt2
 
 
@@ -75,8 +76,8 @@ def test_shared_truncation_fits_every_sequence_and_equals_metaicl_when_nothing_i
 
 
 def test_shared_truncation_cuts_the_demonstrations_once(gpt2_tokenizer, monkeypatch):
+    from raymeta.data.prompts import PromptBuilder, PromptFormat
     from raymeta.eval import icl
-    from raymeta.prompts import PromptBuilder, PromptFormat
 
     demos = [Example("t", f"word {i} " * 6, "positive", ("positive", "negative")) for i in range(4)]
     tests = [
@@ -97,5 +98,5 @@ def test_shared_truncation_cuts_the_demonstrations_once(gpt2_tokenizer, monkeypa
     longest = max(len(s.context) + len(s.target) for s in scored)
     assert len(prefix) + longest == 64 and tuple(full_prefix[-len(prefix) :]) == prefix  # cut from the left, once
     assert not any(s.needs_truncation(64) for s in scored)
-    with pytest.raises(UserError, match="--truncation"):
+    with pytest.raises(UserError, match="^truncation: "):
         EvalConfig(truncation="middle")

@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from raymeta.config import TrainConfig
-from raymeta.meta import Accumulator, Batch, FunctionalLM, MetaLearner, TaskBatch, TaskResult, _inner_start, task_meta_gradient
-from raymeta.optim import AdamState, OptimizerSpec, optimizer_step, zeros_state
+from raymeta.core.lm import Batch, FunctionalLM
+from raymeta.core.meta import Accumulator, MetaConfig, MetaLearner, TaskBatch, TaskResult, _inner_start, task_meta_gradient
+from raymeta.core.optim import AdamState, OptimizerSpec, optimizer_step, zeros_state
 from tests.conftest import tiny_gpt2, tiny_llama
 
 V = 23  # a small vocabulary keeps float64 finite differences fast
@@ -23,8 +23,8 @@ def _batch(seed: int, rows: int = 2, length: int = 7) -> Batch:
     return Batch(ids, tuple((length - 3 + r % 2, length) for r in range(rows)))
 
 
-def _cfg(method: str = "maml_en_llm", inner: str = "adamw", policy: str = "none", steps: int = 1, **kw) -> TrainConfig:
-    cfg = TrainConfig(method=method, moment_policy=policy, grad_clip=0.0, **kw)
+def _cfg(method: str = "maml_en_llm", inner: str = "adamw", policy: str = "none", steps: int = 1, **kw) -> MetaConfig:
+    cfg = MetaConfig(method=method, moment_policy=policy, grad_clip=0.0, **kw)
     cfg.inner.optimizer, cfg.inner.steps, cfg.inner.lr = inner, steps, 0.05 if inner == "sgd" else 0.01
     cfg.outer.optimizer = "adamw" if inner != "sgd" else "sgd"
     return cfg
@@ -39,7 +39,7 @@ def _outer_state(params: dict[str, torch.Tensor]) -> AdamState:
     )
 
 
-def _objective(flm: FunctionalLM, params, outer_state, batch: TaskBatch, cfg: TrainConfig) -> float:
+def _objective(flm: FunctionalLM, params, outer_state, batch: TaskBatch, cfg: MetaConfig) -> float:
     """The whole bi-level objective L_query(θ_K(θ)), evaluated without autograd."""
     with torch.no_grad():
         theta = dict(params)
@@ -226,7 +226,7 @@ def test_init_policy_leaves_the_outer_state_to_the_meta_gradient():
 @pytest.mark.parametrize("chunk", [None, 4])
 def test_differentiable_adam_matches_torch_optim_over_several_steps(chunk, monkeypatch):
     if chunk:
-        monkeypatch.setattr("raymeta.optim._CHUNK", chunk)
+        monkeypatch.setattr("raymeta.core.optim.adam._CHUNK", chunk)
     torch.manual_seed(0)
     for name, cls in (("adamw", torch.optim.AdamW), ("adam", torch.optim.Adam)):
         p0 = {"a": torch.randn(5, 3, dtype=torch.float64), "b": torch.randn(4, dtype=torch.float64)}
@@ -250,7 +250,7 @@ def test_differentiable_adam_matches_torch_optim_over_several_steps(chunk, monke
 @pytest.mark.parametrize("chunk", [None, 5])
 def test_adam_step_backward_matches_autograd_of_the_formula(name, wd, eps, chunk, monkeypatch):
     if chunk:  # the step works in chunks of a tensor's elements: 12 elements in chunks of 5, 5 and 2
-        monkeypatch.setattr("raymeta.optim._CHUNK", chunk)
+        monkeypatch.setattr("raymeta.core.optim.adam._CHUNK", chunk)
     # the hand-written backward of one step, in all four inputs and for every output, against gradcheck
     # (finite differences) and against autograd through torch.optim's formula written out elementwise
     spec, step0 = OptimizerSpec(name, 0.03, (0.9, 0.99), eps, 1e-12, wd), 2
@@ -377,4 +377,4 @@ def test_activation_checkpointing_is_refused_where_it_would_be_wrong():
 
     for method in ("maml_en_llm", "fomaml", "reptile"):
         with pytest.raises(UserError, match="activation_checkpointing: expected false for method"):
-            TrainConfig(method=method, activation_checkpointing=True).validate()
+            MetaConfig(method=method, activation_checkpointing=True).validate()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from raymeta.data.layout import Example
+from raymeta.data.prompts import PromptBuilder, PromptFormat, Scored, default_max_length
 from raymeta.errors import UserError
-from raymeta.prompts import PromptBuilder, PromptFormat, Scored, default_max_length
 
 DEMOS = [
     Example("t", "good movie", "positive", ("positive", "negative")),

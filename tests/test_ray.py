@@ -11,10 +11,10 @@ import torch
 from safetensors.torch import load_file
 
 from raymeta.config import load_config
-from raymeta.executor import LocalExecutor, RayExecutor
-from raymeta.meta import MetaLearner, TaskBatch
-from raymeta.train import train
-from tests.conftest import local_ray, make_data_dir, tiny_gpt2, tiny_train_overrides
+from raymeta.core.meta import MetaLearner, TaskBatch
+from raymeta.run.api import train
+from raymeta.run.executor import LocalExecutor, RayExecutor
+from tests.conftest import CrashOnce, local_ray, make_data_dir, tiny_gpt2, tiny_train_overrides
 from tests.test_meta import _batch
 
 
@@ -48,7 +48,7 @@ def _learner(root):
     for p in model.parameters():
         p.requires_grad_(True)
     cfg = load_config(None, ["method=maml_en_llm", "moment_policy=shared", "inner.steps=2"])
-    return MetaLearner(model, cfg), cfg
+    return MetaLearner(model, cfg.meta), cfg
 
 
 def _tasks() -> list[TaskBatch]:
@@ -69,7 +69,7 @@ def test_ray_executor_gives_the_local_meta_gradient(ray_local, tiny_folder, tmp_
     learner, cfg = _learner(tiny_folder)
     local = LocalExecutor().accumulate(learner, _tasks())
     marker = tmp_path / "task-crashed"
-    remote = RayExecutor(str(tiny_folder / "model"), cfg, runtime_env={"env_vars": {"RAYMETA_FAULT_IN_TASK": str(marker)}})
+    remote = RayExecutor(str(tiny_folder / "model"), cfg, before_task=CrashOnce(marker))  # the first task to run dies once
     ray_acc = remote.accumulate(learner, _tasks())
     assert marker.exists()  # one task's process died and Ray retried it
     assert ray_acc.n == local.n == 3 and ray_acc.finite
@@ -88,14 +88,13 @@ def test_two_workers_follow_the_one_worker_trajectory(ray_local, tiny_folder):
         torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-6)
 
 
-def test_a_killed_worker_is_restarted_and_the_run_ends_where_an_uninterrupted_one_does(
-    ray_local, tiny_folder, tmp_path, monkeypatch
-):
+def test_a_killed_worker_is_restarted_and_the_run_ends_where_an_uninterrupted_one_does(ray_local, tiny_folder, tmp_path):
     straight = _weights(train(_cfg(tiny_folder, "straight", "num_workers=1", "executor=ray"), progress=False))
     marker = tmp_path / "worker-crashed"
-    monkeypatch.setenv("RAYMETA_FAULT_AT_STEP", f"3:{marker}")  # after step 3, between the checkpoints at 2 and 4
     crashed = _cfg(tiny_folder, "crashed", "num_workers=1", "executor=ray", "max_failures=1", "keep_checkpoints=1")
-    final = train(crashed, progress=False)
+    final = train(
+        crashed, progress=False, after_step=CrashOnce(marker, step=3)
+    )  # rank 0 dies after step 3, between the checkpoints at 2 and 4
     assert marker.exists()
     assert [p.name for p in (tiny_folder / "crashed" / "checkpoints").glob("step-*")] == ["step-000004"]
     recovered = _weights(final)

@@ -9,7 +9,7 @@ import os
 import pytest
 
 from raymeta.config import load_config
-from raymeta.train import train
+from raymeta.run.api import train
 from tests.conftest import make_data_dir, tiny_gpt2
 
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from raymeta.data.layout import Example
+from raymeta.data.sampler import MetaBatchSampler
 from raymeta.errors import UserError
-from raymeta.sampler import MetaBatchSampler
 
 
 def _pools(n_tasks: int = 4, size: int = 20) -> dict[str, list[Example]]:
@@ -62,13 +62,12 @@ def test_too_small_pools_and_too_many_tasks_are_refused():
 
 
 def test_bf16_autocast_meta_step_is_finite_and_keeps_fp32_state():
-    from raymeta.config import TrainConfig
-    from raymeta.meta import MetaLearner, TaskBatch
+    from raymeta.core.meta import MetaConfig, MetaLearner, TaskBatch
     from tests.conftest import tiny_llama
     from tests.test_meta import _batch
 
     model = tiny_llama(vocab_size=23)
-    cfg = TrainConfig(precision="bf16")
+    cfg = MetaConfig(precision="bf16")
     learner = MetaLearner(model, cfg)
     m = learner.step([TaskBatch("a", _batch(1), _batch(2)), TaskBatch("b", _batch(3), _batch(4))])
     assert not m.skipped and torch.isfinite(torch.tensor([m.query_loss, m.grad_norm])).all()

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from raymeta.data.prompts import Scored
 from raymeta.eval.scoring import OptionScorer
-from raymeta.prompts import Scored
 from tests.conftest import tiny_gpt2, tiny_llama
 
 

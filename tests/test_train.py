@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from raymeta.cli import main
 from raymeta.config import load_config
-from raymeta.train import train
+from raymeta.run.api import train
 from tests.conftest import make_data_dir, tiny_gpt2, tiny_train_overrides
 
 
@@ -142,11 +142,11 @@ def test_yaml_exponent_floats_and_nested_mappings(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("inner:\n  lr: 3e-5\n  steps: 2\nouter:\n  lr: 1E-4\nbetas: [0.9, 0.95]\n")
     cfg = load_config(path, ["inner.optimizer=adam", "grad_clip=0"])
-    assert (cfg.inner.lr, cfg.inner.steps, cfg.outer.lr, cfg.betas) == (3e-5, 2, 1e-4, (0.9, 0.95))
-    assert cfg.inner.optimizer == "adam" and cfg.grad_clip == 0.0
+    assert (cfg.meta.inner.lr, cfg.meta.inner.steps, cfg.meta.outer.lr, cfg.meta.betas) == (3e-5, 2, 1e-4, (0.9, 0.95))
+    assert cfg.meta.inner.optimizer == "adam" and cfg.meta.grad_clip == 0.0
 
 
 @pytest.mark.parametrize("name", ["quickstart", "main", "gpu_cluster"])
 def test_shipped_configs_load_and_validate(name):
     cfg = load_config(Path("configs") / f"{name}.yaml")
-    assert cfg.method == "maml_en_llm" and cfg.moment_policy == "shared"
+    assert cfg.meta.method == "maml_en_llm" and cfg.meta.moment_policy == "shared"

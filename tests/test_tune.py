@@ -22,7 +22,7 @@ import yaml
 
 from raymeta.config import load_config
 from raymeta.errors import UserError
-from raymeta.train import train
+from raymeta.run.api import train
 from raymeta.tune import load_sweep, run_sweep
 from tests.conftest import local_ray, make_data_dir, tiny_gpt2
 
@@ -103,7 +103,7 @@ def test_validation_holds_tasks_out_and_reports_scores(tiny_folder, tmp_path):
             "validation.seeds=2",
         ],
     )
-    from raymeta.train import _sampler
+    from raymeta.run.loop import build_sampler as _sampler
 
     sampler, held = _sampler(cfg, None)
     assert held is not None
@@ -159,7 +159,7 @@ def test_sweep_runs_trials_in_the_space_stops_some_early_and_its_best_config_tra
     assert len(study.trials) == 4 and all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
 
     cfg = load_config(sweep.out / "best_config.yaml", [f"out={root / 'best-run'}", "steps=2", "distributed=false"])
-    assert cfg.outer.lr == pytest.approx(float(best["params"]["outer.lr"]))
+    assert cfg.meta.outer.lr == pytest.approx(float(best["params"]["outer.lr"]))
     final = train(cfg, progress=False)
     assert (final / "model" / "model.safetensors").is_file()
 

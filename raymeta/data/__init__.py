@@ -1,4 +1,4 @@
-"""Data: MetaICL's layout, validation, and the BIG-bench builder."""
+"""Data: MetaICL's layout, the BIG-bench builder, prompts (MetaICL's tensorization) and the meta-batch sampler."""
 
 from raymeta.data.layout import DEFAULT_SEEDS, DataDir, Example, Setting, open_data, read_examples
 

@@ -173,7 +173,7 @@ def read_tasks(tarball: Path, paths: Iterable[str]) -> dict[str, dict[str, Any]]
         raise UserError(f"{tarball}: cannot read the BIG-bench tarball ({e}); run `raymeta fetch` again") from None
     missing = [p for p in wanted if p not in found]
     if missing:
-        raise UserError(f"--tasks: unknown BIG-bench task {missing[0]!r} (no benchmark_tasks/{missing[0]}/task.json)")
+        raise UserError(f"unknown BIG-bench task {missing[0]!r} (no benchmark_tasks/{missing[0]}/task.json)", key="tasks")
     return found
 
 
@@ -181,7 +181,7 @@ def convert_task(path: str, task_json: dict[str, Any]) -> ConvertedTask:
     name = layout_name(path)
     raw = task_json.get("examples")
     if not isinstance(raw, list) or not raw:
-        raise UserError(f"--tasks: BIG-bench task {path!r} has no examples (it may only group subtasks)")
+        raise UserError(f"BIG-bench task {path!r} has no examples (it may only group subtasks)", key="tasks")
     scored = [e for e in raw if isinstance(e.get("target_scores"), dict) and e["target_scores"]]
     examples: list[Example] = []
     dropped = 0
@@ -209,7 +209,7 @@ def convert_task(path: str, task_json: dict[str, Any]) -> ConvertedTask:
             examples.append(Example(name, str(e["input"]).strip(), target, ()))
         task_type, options = "free-form", []
     if not examples:
-        raise UserError(f"--tasks: BIG-bench task {path!r} has no usable examples")
+        raise UserError(f"BIG-bench task {path!r} has no usable examples", key="tasks")
     return ConvertedTask(name, f"bigbench:{path}", task_type, options, examples, dropped)
 
 

@@ -23,6 +23,7 @@ from typing import Any
 import datasets
 
 from raymeta.errors import UserError
+from raymeta.paths import paths
 
 __all__ = [
     "DEFAULT_SEEDS",
@@ -125,8 +126,6 @@ def open_data(folder: str | Path | None, root: Path | None = None) -> DataDir:
     """The data folder given by the user, or (None) the built-in BIG-bench settings built by `raymeta fetch`."""
     if folder is not None:
         return DataDir(folder)
-    from raymeta.assets import paths
-
     builtin = paths(root).builtin_data
     if not (builtin / "config").is_dir():
         raise UserError(f"data: the built-in BIG-bench settings are not built yet ({builtin}); run `raymeta fetch` first")

@@ -1,1 +1,1 @@
-"""Evaluation: option scoring (with prefix caching), metrics, and MetaICL's protocol."""
+"""Evaluation: option scoring (with prefix caching), metrics, adaptation, MetaICL's protocol, reports."""

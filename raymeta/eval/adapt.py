@@ -15,11 +15,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from raymeta.core.lm import FunctionalLM
+from raymeta.core.optim import OPTIMIZERS, OptimizerSpec, optimizer_step, zeros_state
 from raymeta.data.layout import Example
+from raymeta.data.prompts import PromptBuilder, make_batch
 from raymeta.errors import UserError
-from raymeta.meta import FunctionalLM, make_batch
-from raymeta.optim import OPTIMIZERS, OptimizerSpec, optimizer_step, zeros_state
-from raymeta.prompts import PromptBuilder
 
 __all__ = ["AdaptConfig", "adapted"]
 
@@ -32,11 +32,11 @@ class AdaptConfig:
 
     def __post_init__(self) -> None:
         if self.steps < 1:
-            raise UserError(f"--adapt-steps: expected a positive integer, got {self.steps}")
+            raise UserError(f"expected a positive integer, got {self.steps}", key="adapt.steps")
         if self.optimizer not in OPTIMIZERS:
-            raise UserError(f"--adapt-optimizer: expected one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+            raise UserError(f"expected one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}", key="adapt.optimizer")
         if not self.lr > 0:
-            raise UserError(f"--adapt-lr: expected a positive number, got {self.lr}")
+            raise UserError(f"expected a positive number, got {self.lr}", key="adapt.lr")
 
 
 @contextmanager

@@ -23,12 +23,12 @@ import torch
 from tqdm import tqdm
 
 from raymeta.data.layout import DEFAULT_SEEDS, DataDir, Example, Setting
+from raymeta.data.prompts import VARIANTS, PromptBuilder, PromptFormat, Scored, default_max_length
 from raymeta.errors import UserError
 from raymeta.eval.adapt import AdaptConfig, adapted
 from raymeta.eval.metrics import accuracy, macro_f1, task_metric
 from raymeta.eval.scoring import OptionScorer
 from raymeta.io import atomic_write_json
-from raymeta.prompts import VARIANTS, PromptBuilder, PromptFormat, Scored, default_max_length
 
 __all__ = [
     "MODES",
@@ -36,7 +36,6 @@ __all__ = [
     "LossCache",
     "model_fingerprint",
     "evaluate_setting",
-    "markdown_table",
     "predictions_from_losses",
     "gold_loss",
 ]
@@ -67,19 +66,19 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         if self.truncation not in TRUNCATION:
-            raise UserError(f"--truncation: expected one of {', '.join(TRUNCATION)}, got {self.truncation!r}")
+            raise UserError(f"expected one of {', '.join(TRUNCATION)}, got {self.truncation!r}", key="truncation")
         if self.k < 1:
-            raise UserError(f"--k: expected a positive integer, got {self.k}")
+            raise UserError(f"expected a positive integer, got {self.k}", key="k")
         if not self.seeds:
-            raise UserError("--seeds: expected at least one seed")
+            raise UserError("expected at least one seed", key="seeds")
         for v in self.variants:
             if v not in VARIANTS:
-                raise UserError(f"--variants: unknown variant {v!r}; expected {', '.join(VARIANTS)}")
+                raise UserError(f"unknown variant {v!r}; expected {', '.join(VARIANTS)}", key="variants")
         for m in self.modes:
             if m not in MODES:
-                raise UserError(f"--modes: unknown mode {m!r}; expected {', '.join(MODES)}")
+                raise UserError(f"unknown mode {m!r}; expected {', '.join(MODES)}", key="modes")
         if self.max_test_examples is not None and self.max_test_examples < 1:
-            raise UserError(f"--max-test-examples: expected a positive integer, got {self.max_test_examples}")
+            raise UserError(f"expected a positive integer, got {self.max_test_examples}", key="max_test_examples")
 
 
 def config_record(cfg: EvalConfig) -> dict[str, Any]:
@@ -317,42 +316,3 @@ def evaluate_setting(
         "config": config_record(cfg),
         "runs": runs,
     }
-
-
-def _pct(x: float | None) -> str:
-    return "–" if x is None else f"{100 * x:.1f}"
-
-
-def markdown_table(results: dict[str, Any], title: str | None = None) -> str:
-    """Summary (mean / worst over seeds, all and unseen-domain targets), then per-task means."""
-    runs = results["runs"]
-    lines = [f"### {title or results['setting']}", ""]
-    lines += ["| prompt | all: mean | all: worst | unseen: mean | unseen: worst |", "|---|---:|---:|---:|---:|"]
-    for name, run in runs.items():
-        a, u = run["all"], run["unseen_domain"] or {}
-        lines.append(f"| {name} | {_pct(a['mean'])} | {_pct(a['worst'])} | {_pct(u.get('mean'))} | {_pct(u.get('worst'))} |")
-    lines += ["", "Per task (mean over seeds; worst in parentheses):", ""]
-    names = list(runs)
-    lines += ["| task | metric | " + " | ".join(names) + " |", "|---|---|" + "---:|" * len(names)]
-    unseen = set(results["unseen_domain_test"])
-    for task in results["targets"]:
-        first = runs[names[0]]["per_task"][task]
-        cells = [f"{_pct(runs[n]['per_task'][task]['mean'])} ({_pct(runs[n]['per_task'][task]['worst'])})" for n in names]
-        star = " *" if task in unseen else ""
-        lines.append(f"| {task}{star} | {first['metric']} | " + " | ".join(cells) + " |")
-    lines += ["", "\\* unseen-domain target. Scores in %: macro-F1 (classification) or accuracy (multiple choice)."]
-    return "\n".join(lines) + "\n"
-
-
-def comparison_table(named: Sequence[tuple[str, dict[str, Any]]]) -> str:
-    """One summary row per (model, prompt/mode) over several evaluations of the same setting."""
-    settings = {r["setting"] for _, r in named}
-    lines = [f"### {', '.join(sorted(settings))}", ""]
-    lines += ["| model | prompt | all: mean | all: worst | unseen: mean | unseen: worst |", "|---|---|---:|---:|---:|---:|"]
-    for label, results in named:
-        for name, run in results["runs"].items():
-            a, u = run["all"], run["unseen_domain"] or {}
-            lines.append(
-                f"| {label} | {name} | {_pct(a['mean'])} | {_pct(a['worst'])} | {_pct(u.get('mean'))} | {_pct(u.get('worst'))} |"
-            )
-    return "\n".join(lines) + "\n"

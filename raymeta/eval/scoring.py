@@ -27,9 +27,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from raymeta.prompts import Scored
+from raymeta.core.lm import sequence_losses, span_positions
+from raymeta.data.prompts import Scored
 
 __all__ = ["OptionScorer"]
 
@@ -84,16 +84,8 @@ class OptionScorer:
 
     def _losses(self, hidden: torch.Tensor, ids: torch.Tensor, spans: list[tuple[int, int]]) -> list[float]:
         """Mean CE of ids[b, start:end] predicted from hidden[b, start-1:end-1], for each row b."""
-        rows = torch.cat([torch.full((e - s,), b, dtype=torch.long) for b, (s, e) in enumerate(spans)]).to(ids.device)
-        cols = torch.cat([torch.arange(s, e) for s, e in spans]).to(ids.device)
-        logits = self._head(hidden[rows, cols - 1])
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 up to fp32; fp64 stays
-        token_loss = F.cross_entropy(logits, ids[rows, cols], reduction="none")
-        out, at = [], 0
-        for s, e in spans:
-            out.append(float(token_loss[at : at + e - s].mean()))
-            at += e - s
-        return out
+        rows, cols = span_positions(spans, ids.device)
+        return sequence_losses(hidden[rows, cols - 1], ids[rows, cols], [e - s for s, e in spans], self._head).tolist()
 
     def _batches(self, lengths: list[int], extra: int = 0) -> list[list[int]]:
         """Indices sorted by length (longest first) cut into batches of about max_batch_tokens."""
@@ -182,10 +174,5 @@ class OptionScorer:
                 hidden[j].extend(out[row, : len(targets[j]) - 1])
         flat_hidden = torch.stack([h for hs in hidden for h in hs])
         flat_targets = torch.tensor([tok for t in targets for tok in t], device=self.device)
-        logits = self._head(flat_hidden)
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        token_loss = F.cross_entropy(logits, flat_targets, reduction="none")
-        at = 0
-        for j, t in zip(idx, targets):
-            losses[j] = float(token_loss[at : at + len(t)].mean())
-            at += len(t)
+        for j, loss in zip(idx, sequence_losses(flat_hidden, flat_targets, [len(t) for t in targets], self._head).tolist()):
+            losses[j] = loss

@@ -19,6 +19,8 @@ from typing import Any
 from raymeta.config import TrainConfig
 from raymeta.data.layout import DataDir, Example, Setting
 from raymeta.errors import UserError
+from raymeta.eval.adapt import AdaptConfig
+from raymeta.eval.icl import EvalConfig, evaluate_setting
 
 __all__ = ["HeldOut", "held_out_tasks", "held_out_data", "validate"]
 
@@ -27,9 +29,9 @@ def _scorable(examples: Sequence[Example]) -> bool:
     return all(len(e.options) >= 2 and e.output in e.options for e in examples)
 
 
-def held_out_tasks(cfg: TrainConfig, data: DataDir, setting: Setting, pools: dict[str, list[Example]]) -> tuple[str, ...]:
+def held_out_tasks(cfg: TrainConfig, setting: Setting, pools: dict[str, list[Example]]) -> tuple[str, ...]:
     """The meta-train tasks held out for validation (empty when validation is off)."""
-    v = cfg.validation
+    v = cfg.run.validation
     if v.tasks == 0:
         return ()
     need = v.k + v.test_examples
@@ -39,10 +41,10 @@ def held_out_tasks(cfg: TrainConfig, data: DataDir, setting: Setting, pools: dic
             f"validation.tasks: {v.tasks} held-out tasks asked for, but setting {setting.name!r} has only {len(usable)} "
             f"meta-train tasks whose pools have >= k + test_examples = {need} examples, all with options"
         )
-    if len(setting.train) - v.tasks < cfg.tasks_per_step:
+    if len(setting.train) - v.tasks < cfg.tasks.tasks_per_step:
         raise UserError(
             f"validation.tasks: holding out {v.tasks} of {len(setting.train)} meta-train tasks leaves fewer than "
-            f"tasks_per_step = {cfg.tasks_per_step}"
+            f"tasks_per_step = {cfg.tasks.tasks_per_step}"
         )
     rng = random.Random(v.seed)
     return tuple(sorted(rng.sample(usable, v.tasks)))
@@ -69,7 +71,7 @@ class HeldOut:
 
 
 def held_out_data(cfg: TrainConfig, data: DataDir, tasks: Sequence[str], pools: dict[str, list[Example]]) -> HeldOut:
-    v = cfg.validation
+    v = cfg.run.validation
     seeds = tuple(range(v.seeds))
     demos: dict[tuple[str, int], list[Example]] = {}
     tests: dict[str, list[Example]] = {}
@@ -87,22 +89,19 @@ def held_out_data(cfg: TrainConfig, data: DataDir, tasks: Sequence[str], pools: 
 
 def validate(model: Any, tokenizer: Any, held: HeldOut, cfg: TrainConfig) -> dict[str, float]:
     """ICL on the held-out tasks (and after adaptation when asked): val_score, val_loss[, val_adapt_*]."""
-    from raymeta.eval.adapt import AdaptConfig
-    from raymeta.eval.icl import EvalConfig, evaluate_setting
-
-    v = cfg.validation
+    v = cfg.run.validation
     was_training = model.training
     out: dict[str, float] = {}
     runs: list[tuple[str, AdaptConfig | None]] = [("val", None)]
     if v.adapt_steps:
-        runs.append(("val_adapt", AdaptConfig(v.adapt_steps, cfg.inner.optimizer, v.adapt_lr)))
+        runs.append(("val_adapt", AdaptConfig(v.adapt_steps, cfg.meta.inner.optimizer, v.adapt_lr)))
     for prefix, adapt in runs:
         ecfg = EvalConfig(
             k=v.k,
             seeds=held.seeds,
-            variants=(cfg.variant,),
+            variants=(cfg.tasks.variant,),
             modes=("icl",),
-            max_length_per_example=cfg.max_length_per_example,
+            max_length_per_example=cfg.tasks.max_length_per_example,
             truncation="shared",
             adapt=adapt,
         )

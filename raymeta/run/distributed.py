@@ -12,26 +12,30 @@ from the last one. `ray.init()` starts an embedded local cluster unless an addre
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import ray
+import ray.train
 import torch
+import torch.distributed as dist
+from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from ray.util.metrics import Gauge
 
 from raymeta.config import TrainConfig, apply_overrides, to_dict
+from raymeta.core.meta import Accumulator, MetaLearner
 from raymeta.errors import UserError
-from raymeta.meta import Accumulator, MetaLearner
-from raymeta.train import Placement, run_loop
+from raymeta.io import atomic_write_json
+from raymeta.run.loop import Placement, StepHook, run_loop
 
 __all__ = ["all_reduce", "fit"]
-
-_FAULT_ENV = "RAYMETA_FAULT_AT_STEP"  # a test hook: "STEP:MARKER_FILE" kills rank 0 once after that step
 
 
 def all_reduce(acc: Accumulator, learner: MetaLearner) -> Accumulator:
     """Sum accumulators across the Ray Train workers (a worker may hold no task this step)."""
-    import torch.distributed as dist
-
     params = learner.flm.params()
     names = list(params)
     parts = [acc.grads]
@@ -70,29 +74,14 @@ METRICS = (
 
 
 def _gauges() -> dict[str, Any]:
-    from ray.util.metrics import Gauge
-
     return {key: Gauge(f"raymeta_{key}", description=f"raymeta meta-training: {key}", tag_keys=("run",)) for key in METRICS}
 
 
 def _worker(config: dict[str, Any]) -> None:
-    import ray.train
-
     cfg = apply_overrides(TrainConfig(), config["cfg"], "config")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     out = Path(config["out"])
-
-    fault = config.get("fault")
-
-    def crash_once(step: int) -> None:
-        """Test hook (RAYMETA_FAULT_AT_STEP=STEP:MARKER): rank 0 dies once, after step STEP."""
-        if fault and rank == 0:
-            at, marker = fault.split(":", 1)
-            if step == int(at) and not os.path.exists(marker):
-                Path(marker).touch()
-                os._exit(1)
-
     gauges = _gauges() if rank == 0 else {}
 
     def publish(record: dict[str, Any]) -> None:
@@ -102,15 +91,11 @@ def _worker(config: dict[str, Any]) -> None:
         for key, gauge in gauges.items():
             gauge.set(float(record[key]), tags={"run": out.name})
         print(
-            f"[raymeta] step {record['step']}/{cfg.steps} meta_loss {record['meta_loss']:.4f} support_loss "
+            f"[raymeta] step {record['step']}/{cfg.run.steps} meta_loss {record['meta_loss']:.4f} support_loss "
             f"{record['support_loss']:.4f} grad_norm {record['grad_norm']:.3g} tokens/s {record['tokens_per_s']:.0f} "
             f"skipped {record['skipped_steps']}" + (f" val_score {record['val_score']:.4f}" if "val_score" in record else ""),
             flush=True,
         )
-
-    def report(record: dict[str, Any]) -> None:
-        ray.train.report(record)
-        crash_once(record["step"])
 
     class RayPlacement(Placement):
         def save(self, step: int, write: Any, record: dict[str, Any]) -> Path:
@@ -121,26 +106,27 @@ def _worker(config: dict[str, Any]) -> None:
                     ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
             else:
                 ray.train.report(record)
-            crash_once(step)
             return out / "checkpoints" / name
 
-    import socket
-
-    from raymeta.io import atomic_write_json
-
-    shard = len(range(rank, cfg.tasks_per_step, world))
+    shard = len(range(rank, cfg.tasks.tasks_per_step, world))
     node = ray.get_runtime_context().get_node_id()
     atomic_write_json(
         out / "placement" / f"rank-{rank}.json",
-        {"rank": rank, "world": world, "node_id": node, "hostname": socket.gethostname(), "executor": cfg.executor_for(shard)},
+        {
+            "rank": rank,
+            "world": world,
+            "node_id": node,
+            "hostname": socket.gethostname(),
+            "executor": cfg.placement.executor_for(shard),
+        },
     )
     resume_dir = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         resume_dir = Path(checkpoint.path)
-    place = RayPlacement(out, rank, world, all_reduce if world > 1 else None, report)
+    place = RayPlacement(out, rank, world, all_reduce if world > 1 else None, ray.train.report)
     root = Path(config["root"]) if config["root"] else None
-    run_loop(cfg, place, resume_dir=resume_dir, progress=False, root=root, on_step=publish)
+    run_loop(cfg, place, resume_dir=resume_dir, progress=False, root=root, on_step=publish, after_step=config["after_step"])
 
 
 def fit(
@@ -152,40 +138,38 @@ def fit(
     progress: bool,
     root: Path | None,
     callbacks: list[Any] | None = None,
+    after_step: StepHook | None = None,
 ) -> Path:
     """Run meta-training as a Ray Train job; returns the final checkpoint folder."""
-    import ray
-    from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")  # report latency: ~2 s otherwise
     if not ray.is_initialized():
         try:
             ray.init(address=address or os.environ.get("RAY_ADDRESS"), include_dashboard=None, log_to_driver=progress)
         except ConnectionError as e:
-            raise UserError(f"--address {address}: cannot connect to a Ray cluster ({e})") from None
-    resources: dict[str, float] = {"CPU": cfg.cpus_per_worker}
+            raise UserError(f"{address}: cannot connect to a Ray cluster ({e})", key="address") from None
+    place = cfg.placement
+    resources: dict[str, float] = {"CPU": place.cpus_per_worker}
     total = ray.cluster_resources().get("CPU", 0.0)
-    need = cfg.cpus_needed()
+    need = place.cpus_needed()
     if need > total:
         raise UserError(
             f"num_workers x cpus_per_worker (+ cpus_per_task for Ray tasks) = {need:g} CPUs, but the Ray cluster has {total:g}: "
             "the run would wait forever; lower them (fractions allowed) or add nodes"
         )
-    config = {"cfg": to_dict(cfg), "out": str(out), "root": str(root) if root else None, "fault": os.environ.get(_FAULT_ENV)}
+    config = {"cfg": to_dict(cfg), "out": str(out), "root": str(root) if root else None, "after_step": after_step}
     trainer = TorchTrainer(
         _worker,
         train_loop_config=config,
         scaling_config=ScalingConfig(
-            num_workers=cfg.num_workers,
-            use_gpu=cfg.use_gpu,
+            num_workers=place.num_workers,
+            use_gpu=place.use_gpu,
             resources_per_worker=resources,
-            placement_strategy=cfg.placement_strategy,
+            placement_strategy=place.placement_strategy,
         ),
         run_config=RunConfig(
             name="checkpoints",
             storage_path=str(out),
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            failure_config=FailureConfig(max_failures=place.max_failures),
             callbacks=callbacks,
         ),
         resume_from_checkpoint=Checkpoint(str(latest)) if latest is not None else None,

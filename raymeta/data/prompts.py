@@ -23,10 +23,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import torch
+
+from raymeta.core.lm import Batch
 from raymeta.data.layout import Example
 from raymeta.errors import UserError
 
-__all__ = ["VARIANTS", "PromptFormat", "Scored", "default_max_length", "PromptBuilder"]
+__all__ = ["VARIANTS", "PromptBuilder", "PromptFormat", "Scored", "default_max_length", "make_batch"]
 
 VARIANTS = ("direct", "channel")
 
@@ -45,12 +48,13 @@ class PromptFormat:
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
-            raise UserError(f"variant: expected one of {', '.join(VARIANTS)}, got {self.variant!r}")
+            raise UserError(f"expected one of {', '.join(VARIANTS)}, got {self.variant!r}", key="variant")
         if self.max_length_per_example < 8:
-            raise UserError(f"max_length_per_example: expected at least 8, got {self.max_length_per_example}")
+            raise UserError(f"expected at least 8, got {self.max_length_per_example}", key="max_length_per_example")
         if self.max_length < self.max_length_per_example:
             raise UserError(
-                f"max_length: expected at least max_length_per_example ({self.max_length_per_example}), got {self.max_length}"
+                f"expected at least max_length_per_example ({self.max_length_per_example}), got {self.max_length}",
+                key="max_length",
             )
 
 
@@ -155,3 +159,14 @@ class PromptBuilder:
         prefix = self.demonstrations(demos)
         first, second = self.encode_labelled(target, is_first=len(demos) == 0)
         return Scored(tuple(prefix), tuple(first), tuple(second))
+
+
+def make_batch(seqs: Sequence[Scored], max_length: int) -> Batch:
+    """Training sequences as one right-padded `Batch` (MetaICL's left truncation applied)."""
+    built = [s.full(max_length, allow_truncation=True) for s in seqs]
+    ids = torch.zeros(len(built), max(len(b) for b, _ in built), dtype=torch.long)
+    spans = []
+    for row, (seq, start) in enumerate(built):
+        ids[row, : len(seq)] = torch.tensor(seq)
+        spans.append((max(start, 1), len(seq)))
+    return Batch(ids, tuple(spans))

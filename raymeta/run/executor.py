@@ -12,17 +12,20 @@ are scheduled on the caller's node (soft affinity) with `cpus_per_task` CPUs eac
 from __future__ import annotations
 
 import math
-import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+import ray
 import torch
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from raymeta.config import TrainConfig, to_dict
-from raymeta.meta import Accumulator, FunctionalLM, MetaLearner, TaskBatch, TaskResult, task_meta_gradient
-from raymeta.optim import AdamState
+from raymeta.config import TrainConfig
+from raymeta.core.lm import FunctionalLM
+from raymeta.core.meta import Accumulator, MetaConfig, MetaLearner, TaskBatch, TaskResult, task_meta_gradient
+from raymeta.core.optim import AdamState
+from raymeta.models import load_model
 
 __all__ = ["LocalExecutor", "RayExecutor", "make_executor"]
 
@@ -46,20 +49,20 @@ def _torch(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
 
 
 def _run_task(
-    model_dir: str, params: dict[str, np.ndarray], state: dict[str, Any] | None, batch: TaskBatch, cfg_dict: dict[str, Any]
+    model_dir: str,
+    params: dict[str, np.ndarray],
+    state: dict[str, Any] | None,
+    batch: TaskBatch,
+    cfg: MetaConfig,
+    cpus: float,
+    before: Callable[[], None] | None,
 ) -> dict[str, Any]:
     """The body of one Ray task (module level so that it pickles by reference)."""
-    from raymeta.config import apply_overrides
-    from raymeta.models import load_model
-
-    marker = os.environ.get("RAYMETA_FAULT_IN_TASK")  # a test hook: the first task to run dies once
-    if marker and not os.path.exists(marker):
-        open(marker, "w").close()
-        os._exit(1)
-    cfg = apply_overrides(TrainConfig(), dict(cfg_dict), "task")
+    if before is not None:
+        before()
     # one BLAS thread per CPU held, rounded up (Ray gives a fractional task one): 0.5 + 1.5 on a 2-core node
     # lets the one running task use both cores while its Train worker waits
-    torch.set_num_threads(max(1, math.ceil(cfg.cpus_per_task - 1e-9)))
+    torch.set_num_threads(max(1, math.ceil(cpus - 1e-9)))
     if model_dir not in _MODELS:
         model = load_model(model_dir)
         _MODELS[model_dir] = (model, FunctionalLM(model, math_attention=cfg.method == "maml_en_llm"))
@@ -80,15 +83,23 @@ def _run_task(
 
 
 class RayExecutor:
-    def __init__(self, model_dir: str, cfg: TrainConfig, runtime_env: dict[str, Any] | None = None) -> None:
-        import ray
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    """`before_task`, when given, is called at the start of every Ray task, in the task's process (a
+    picklable callable: logging, or fault injection in tests)."""
 
+    def __init__(
+        self,
+        model_dir: str,
+        cfg: TrainConfig,
+        runtime_env: dict[str, Any] | None = None,
+        before_task: Callable[[], None] | None = None,
+    ) -> None:
         self.model_dir = model_dir
-        self.cfg_dict = to_dict(cfg)
+        self.meta = cfg.meta
+        self.cpus = cfg.placement.cpus_per_task
+        self.before_task = before_task
         node = ray.get_runtime_context().get_node_id()
         self.remote = ray.remote(_run_task).options(
-            num_cpus=cfg.cpus_per_task,
+            num_cpus=self.cpus,
             num_gpus=0,
             max_retries=3,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=True),
@@ -96,15 +107,15 @@ class RayExecutor:
         )
 
     def accumulate(self, learner: MetaLearner, batches: Sequence[TaskBatch]) -> Accumulator:
-        import ray
-
         acc = Accumulator()
         if not batches:
             return acc
         params_ref = ray.put(_numpy(learner.flm.params()))
         state = learner.state
         state_ref: Any = ray.put({"m": _numpy(state.m), "v": _numpy(state.v), "step": state.step}) if state is not None else None
-        refs: list[Any] = [self.remote.remote(self.model_dir, params_ref, state_ref, b, self.cfg_dict) for b in batches]
+        refs: list[Any] = [
+            self.remote.remote(self.model_dir, params_ref, state_ref, b, self.meta, self.cpus, self.before_task) for b in batches
+        ]
         # Results are summed in task order (a deterministic sum) and each is released once added, so the
         # object store never holds every task's gradient and moments at once.
         for i in range(len(refs)):

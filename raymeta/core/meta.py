@@ -26,56 +26,123 @@ weights or the optimizer state.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch.func import functional_call
 
-from raymeta.config import TrainConfig
+from raymeta.core.lm import Batch, FunctionalLM, enable_activation_checkpointing
+from raymeta.core.optim import OPTIMIZERS, AdamState, OptimizerSpec, detached, optimizer_step, zeros_state
 from raymeta.errors import UserError
-from raymeta.optim import AdamState, detached, optimizer_step, zeros_state
-from raymeta.prompts import Scored
 
 __all__ = [
-    "Batch",
-    "make_batch",
-    "FunctionalLM",
+    "METHODS",
+    "MOMENT_POLICIES",
+    "PRECISIONS",
+    "Accumulator",
+    "InnerConfig",
+    "MetaConfig",
+    "MetaLearner",
+    "OuterConfig",
+    "StepMetrics",
     "TaskBatch",
     "TaskResult",
     "task_meta_gradient",
-    "Accumulator",
-    "StepMetrics",
-    "MetaLearner",
 ]
+
+METHODS = ("maml_en_llm", "fomaml", "reptile", "metaicl")
+MOMENT_POLICIES = ("none", "init", "shared")
+PRECISIONS = ("fp32", "bf16")
 
 Tensors = dict[str, torch.Tensor]
 
 
-@dataclass(frozen=True)
-class Batch:
-    """Right-padded token ids and, per row, the [start, end) span of scored tokens."""
-
-    ids: torch.Tensor
-    spans: tuple[tuple[int, int], ...]
-
-    @property
-    def n_tokens(self) -> int:
-        return sum(e for _, e in self.spans)
+@dataclass
+class InnerConfig:
+    optimizer: str = "adamw"
+    lr: float = 1e-5
+    steps: int = 1
 
 
-def make_batch(seqs: Sequence[Scored], max_length: int) -> Batch:
-    built = [s.full(max_length, allow_truncation=True) for s in seqs]
-    ids = torch.zeros(len(built), max(len(b) for b, _ in built), dtype=torch.long)
-    spans = []
-    for row, (seq, start) in enumerate(built):
-        ids[row, : len(seq)] = torch.tensor(seq)
-        spans.append((max(start, 1), len(seq)))
-    return Batch(ids, tuple(spans))
+@dataclass
+class OuterConfig:
+    optimizer: str = "adamw"
+    lr: float = 1e-5
+
+
+@dataclass
+class MetaConfig:
+    """The algorithm: method, inner and outer optimizers, moment policy, clipping, precision.
+
+    The names are the config keys of `raymeta train` (`inner.lr`, `moment_policy`, ...); this is all
+    that `task_meta_gradient` and `MetaLearner` read. Data, run and placement settings live elsewhere
+    (`raymeta.config.TrainConfig` composes them)."""
+
+    method: str = "maml_en_llm"
+    inner: InnerConfig = field(default_factory=InnerConfig)
+    outer: OuterConfig = field(default_factory=OuterConfig)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    eps_root: float = 1e-16
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # on the meta-gradient's global norm; 0 turns clipping off
+    moment_policy: str = "shared"
+    precision: str = "fp32"
+    activation_checkpointing: bool = False
+
+    def validate(self, where: str = "config") -> MetaConfig:
+        def bad(key: str, expected: str, got: Any) -> UserError:
+            return UserError(f"expected {expected}, got {got!r}", key=key, where=where)
+
+        for key, value, allowed in (
+            ("method", self.method, METHODS),
+            ("moment_policy", self.moment_policy, MOMENT_POLICIES),
+            ("precision", self.precision, PRECISIONS),
+            ("inner.optimizer", self.inner.optimizer, OPTIMIZERS),
+            ("outer.optimizer", self.outer.optimizer, OPTIMIZERS),
+        ):
+            if value not in allowed:
+                raise bad(key, "one of " + ", ".join(allowed), value)
+        for key, rate in (("inner.lr", self.inner.lr), ("outer.lr", self.outer.lr)):
+            if not rate > 0:
+                raise bad(key, "a positive number", rate)
+        for key, number in (
+            ("eps", self.eps),
+            ("eps_root", self.eps_root),
+            ("weight_decay", self.weight_decay),
+            ("grad_clip", self.grad_clip),
+        ):
+            if number < 0:
+                raise bad(key, "a number >= 0", number)
+        if self.inner.steps < 1:
+            raise bad("inner.steps", "an integer >= 1", self.inner.steps)
+        if not all(0 <= b < 1 for b in self.betas) or len(self.betas) != 2:
+            raise bad("betas", "two numbers in [0, 1)", list(self.betas))
+        if self.activation_checkpointing and self.method != "metaicl":
+            raise bad(
+                "activation_checkpointing",
+                "false for method " + self.method + " (recomputed activations would not see the adapted weights, which "
+                "silently corrupts meta-gradients; it is exact, and allowed, for metaicl)",
+                True,
+            )
+        if self.moment_policy != "none" and self.method in ("maml_en_llm", "fomaml", "reptile"):
+            if not (self.inner_spec().has_moments and self.outer_spec().has_moments):
+                raise bad(
+                    "moment_policy",
+                    "'none' unless inner.optimizer and outer.optimizer are both adam or adamw "
+                    "(there are no moments to start from or share)",
+                    self.moment_policy,
+                )
+        return self
+
+    def inner_spec(self) -> OptimizerSpec:
+        return OptimizerSpec(self.inner.optimizer, self.inner.lr, self.betas, self.eps, self.eps_root, self.weight_decay)
+
+    def outer_spec(self) -> OptimizerSpec:
+        # the outer step is never differentiated: no guard, exactly torch.optim.Adam(W)
+        return OptimizerSpec(self.outer.optimizer, self.outer.lr, self.betas, self.eps, 0.0, self.weight_decay)
 
 
 @dataclass(frozen=True)
@@ -83,95 +150,6 @@ class TaskBatch:
     task: str
     support: Batch
     query: Batch
-
-
-class FunctionalLM:
-    """A Hugging Face causal LM called with an explicit dict of weights (`torch.func.functional_call`).
-
-    The loss is MetaICL's: per sequence the mean cross-entropy of its scored tokens, then the mean over
-    sequences. Logits are computed at the scored positions only. It is computed in the weights' dtype
-    (upcast to at least float32), not with HF's loss, which upcasts float64 down to float32.
-    """
-
-    def __init__(self, model: torch.nn.Module, *, math_attention: bool = True) -> None:
-        hf: object = model
-        self.model = model
-        self.base: torch.nn.Module = hf.base_model  # type: ignore[attr-defined]
-        self.prefix = hf.base_model_prefix + "."  # type: ignore[attr-defined]
-        named = dict(model.named_parameters())
-        head = hf.get_output_embeddings()  # type: ignore[attr-defined]
-        by_id = {id(p): n for n, p in named.items()}
-        if id(head.weight) not in by_id:
-            raise UserError("model: its output head's weight is not one of its parameters; unsupported model")
-        self.head_name = by_id[id(head.weight)]
-        self.head_bias = head.bias
-        self.names = [n for n, p in named.items() if p.requires_grad]
-        self.math_attention = math_attention
-
-    def params(self) -> Tensors:
-        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
-
-    @contextlib.contextmanager
-    def attention(self) -> Iterator[None]:
-        """SDPA restricted to the math backend: the flash/efficient kernels have no double backward."""
-        if self.math_attention:
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-
-            with sdpa_kernel([SDPBackend.MATH]):
-                yield
-        else:
-            yield
-
-    def loss(self, params: Tensors, batch: Batch) -> torch.Tensor:
-        base_params = {n[len(self.prefix) :]: t for n, t in params.items() if n.startswith(self.prefix)}
-        ids = batch.ids.to(params[self.head_name].device)
-        with self.attention():
-            hidden = functional_call(self.base, base_params, (ids,), {"use_cache": False}).last_hidden_state
-        rows = torch.cat([torch.full((e - s,), b, dtype=torch.long) for b, (s, e) in enumerate(batch.spans)]).to(ids.device)
-        cols = torch.cat([torch.arange(s, e) for s, e in batch.spans]).to(ids.device)
-        logits = F.linear(hidden[rows, cols - 1], params[self.head_name], self.head_bias)
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        token_loss = F.cross_entropy(logits, ids[rows, cols], reduction="none")
-        weights = torch.cat([torch.full((e - s,), 1.0 / (e - s), dtype=token_loss.dtype) for s, e in batch.spans]).to(
-            token_loss.device
-        )
-        return (token_loss * weights).sum() / len(batch.spans)
-
-    def check_double_backward(self) -> None:
-        """Fail clearly at start-up when the attention implementation cannot do second order."""
-        params = self.params()
-        batch = Batch(torch.tensor([[1, 2, 3, 4]]), ((1, 4),))
-        try:
-            loss = self.loss(params, batch)
-            grads = torch.autograd.grad(loss, list(params.values()), create_graph=True, allow_unused=True)
-            total = sum((g.pow(2).sum() for g in grads if g is not None), torch.zeros(()))
-            torch.autograd.grad(total, list(params.values()), allow_unused=True)
-        except RuntimeError as e:
-            impl = getattr(getattr(self.model, "config", None), "_attn_implementation", "?")
-            first = str(e).splitlines()[0]
-            raise UserError(
-                f"model: attention implementation {impl!r} has no double backward ({first}); load it with "
-                "attn_implementation='eager' or use SDPA's math backend"
-            ) from None
-
-
-def enable_activation_checkpointing(model: torch.nn.Module) -> None:
-    """Non-reentrant checkpointing of each decoder layer (Hugging Face's), exact for `metaicl` only.
-
-    Only the layers themselves are put in training mode (HF checkpoints a layer when it is training);
-    their children stay in eval mode, so no dropout is switched on.
-    """
-    hf: Any = model
-    if not getattr(hf, "supports_gradient_checkpointing", False):
-        raise UserError(f"activation_checkpointing: {type(model).__name__} does not support gradient checkpointing")
-    hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-    if not layers:
-        raise UserError(f"activation_checkpointing: no checkpointable layers found in {type(model).__name__}")
-    for layer in layers:
-        layer.training = True
 
 
 @dataclass
@@ -191,7 +169,7 @@ class TaskResult:
         )
 
 
-def _inner_start(cfg: TrainConfig, params: Tensors, outer_state: AdamState | None) -> AdamState | None:
+def _inner_start(cfg: MetaConfig, params: Tensors, outer_state: AdamState | None) -> AdamState | None:
     if not cfg.inner_spec().has_moments:
         return None
     if cfg.moment_policy == "none" or outer_state is None:
@@ -200,7 +178,7 @@ def _inner_start(cfg: TrainConfig, params: Tensors, outer_state: AdamState | Non
 
 
 def task_meta_gradient(
-    flm: FunctionalLM, params: Tensors, outer_state: AdamState | None, batch: TaskBatch, cfg: TrainConfig
+    flm: FunctionalLM, params: Tensors, outer_state: AdamState | None, batch: TaskBatch, cfg: MetaConfig
 ) -> TaskResult:
     """The meta-gradient G_i of one task (a pure function of its inputs: it can run in another process)."""
     autocast = torch.autocast(params[flm.head_name].device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
@@ -285,10 +263,26 @@ class Accumulator:
 
 
 class MetaLearner:
-    """Holds θ (the model's own parameters) and the outer optimizer state S; applies meta-steps."""
+    """Holds θ (the model's own parameters) and the outer optimizer state S; applies meta-steps.
 
-    def __init__(self, model: torch.nn.Module, cfg: TrainConfig) -> None:
-        self.cfg = cfg
+    Works on any Hugging Face causal LM and on batches you build yourself::
+
+        import torch, raymeta
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained("path/to/model", attn_implementation="eager")
+        learner = raymeta.MetaLearner(model, raymeta.MetaConfig(method="maml_en_llm", moment_policy="shared"))
+        ids = torch.randint(0, model.config.vocab_size, (1, 12))
+        support = raymeta.Batch(ids, ((8, 12),))  # score tokens 8..11 of row 0
+        query = raymeta.Batch(ids.roll(3, 1), ((8, 12),))
+        metrics = learner.step([raymeta.TaskBatch("my-task", support, query)])
+        print(metrics.query_loss, metrics.grad_norm)
+
+    Every parameter with `requires_grad` is meta-trained (θ); the model is updated in place.
+    """
+
+    def __init__(self, model: torch.nn.Module, cfg: MetaConfig) -> None:
+        self.cfg = cfg.validate("MetaConfig")
         # SDPA's math backend only where double backward is needed; elsewhere the default (faster) kernels
         self.flm = FunctionalLM(model, math_attention=cfg.method == "maml_en_llm")
         if cfg.method == "maml_en_llm":

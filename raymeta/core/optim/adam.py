@@ -1,19 +1,14 @@
-"""Functional, differentiable optimizers: SGD, Adam and AdamW over dicts of tensors.
+"""Adam(W)'s step as one autograd node per tensor, with a hand-written backward (the accelerated op).
 
-`step(params, grads, state)` returns new parameters and a new state without touching its inputs,
-so the step can be differentiated through (the inner loop of second-order MAML: build `grads` with
-`create_graph=True` and the returned parameters carry the graph, moments included).
+`adam_step` is what `optimizer_step` runs for adam and adamw; `reference.py` holds the same step as
+plain elementwise autograd operations, and the tests hold each against the other (and against
+`torch.optim`).
 
-Adam's denominator uses a guarded square root, `sqrt(v_hat + eps_root) + eps`: the derivative of
-sqrt at v = 0 is infinite, and v is exactly 0 for every weight whose gradient is 0 (the embedding
-rows of tokens absent from a batch), which would turn second derivatives into NaN. With
-`eps_root = 0` the step is `torch.optim.Adam(W)`'s (tested against it).
-
-Adam's step is one autograd node per tensor (`_AdamStep`) with a hand-written backward: it saves only
-its inputs (g, m, v, and p for L2 decay) and recomputes the rest when the meta-gradient flows back.
-Built from elementwise autograd ops, the same step kept four model-sized intermediates alive through
-the query pass of every task (sqrt(v̂), its sum with eps, the scaled m, and the new moments) and ran
-about twice as many model-sized elementwise passes (bench/speed.py measured the difference).
+The node saves only its inputs (g, m, v, and p for L2 decay) and recomputes the rest when the
+meta-gradient flows back. Built from elementwise autograd ops, the same step kept four model-sized
+intermediates alive through the query pass of every task (sqrt(v̂), its sum with eps, the scaled m,
+and the new moments) and ran about twice as many model-sized elementwise passes (bench/speed.py
+measured the difference).
 """
 
 from __future__ import annotations
@@ -25,60 +20,15 @@ from typing import Any
 import torch
 from torch.autograd.function import once_differentiable
 
-__all__ = ["OPTIMIZERS", "AdamState", "OptimizerSpec", "zeros_state", "detached", "optimizer_step"]
+from raymeta.core.optim.spec import AdamState, OptimizerSpec, Tensors
 
-OPTIMIZERS = ("sgd", "adam", "adamw")
-Tensors = dict[str, torch.Tensor]
-
-
-@dataclass(frozen=True)
-class OptimizerSpec:
-    name: str = "adamw"
-    lr: float = 1e-5
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    eps_root: float = 1e-16
-    weight_decay: float = 0.0
-
-    @property
-    def has_moments(self) -> bool:
-        return self.name in ("adam", "adamw")
+__all__ = ["adam_step"]
 
 
-@dataclass
-class AdamState:
-    """Adam's moments and step counter. `step` counts the updates the moments have seen."""
-
-    m: Tensors
-    v: Tensors
-    step: int = 0
-
-
-def zeros_state(params: Mapping[str, torch.Tensor]) -> AdamState:
-    return AdamState({n: torch.zeros_like(p) for n, p in params.items()}, {n: torch.zeros_like(p) for n, p in params.items()}, 0)
-
-
-def detached(state: AdamState) -> AdamState:
-    """The state cut from any graph (what a task's inner loop starts from under `init` and `shared`).
-
-    No copy: every step here is functional (nothing is written in place), and each copy of a state
-    costs two model-sized buffers, which showed up as peak memory in bench/speed.py."""
-    return AdamState({n: t.detach() for n, t in state.m.items()}, {n: t.detach() for n, t in state.v.items()}, state.step)
-
-
-def optimizer_step(
-    spec: OptimizerSpec, params: Mapping[str, torch.Tensor], grads: Mapping[str, torch.Tensor], state: AdamState | None
-) -> tuple[Tensors, AdamState | None]:
-    """One step of `spec` on every tensor in `params`; differentiable when the inputs carry a graph."""
-    if spec.name == "sgd":
-        new = {}
-        for n, p in params.items():
-            g = grads[n] if spec.weight_decay == 0 else grads[n] + spec.weight_decay * p
-            new[n] = p - spec.lr * g
-        return new, state
-    if spec.name not in ("adam", "adamw"):
-        raise ValueError(f"unknown optimizer {spec.name!r}")
-    assert state is not None, "Adam needs a state (zeros_state(params) to start)"
+def adam_step(
+    spec: OptimizerSpec, params: Mapping[str, torch.Tensor], grads: Mapping[str, torch.Tensor], state: AdamState
+) -> tuple[Tensors, AdamState]:
+    """One Adam (L2 decay) or AdamW (decoupled decay) step of every tensor; differentiable in all inputs."""
     b1, b2 = spec.betas
     step = state.step + 1
     bc1, bc2 = 1 - b1**step, 1 - b2**step

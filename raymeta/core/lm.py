@@ -1,0 +1,147 @@
+"""A causal LM as a function of its weights, and MetaICL's loss over scored spans.
+
+One loss, used by training (`FunctionalLM.loss`) and by evaluation (`raymeta.eval.scoring`): for each
+sequence the mean cross-entropy of its scored tokens. Logits are computed at the scored positions only
+(the output head applied to the gathered hidden states) and in at least float32; float64 stays
+float64 (Hugging Face's own loss would upcast float64 down to float32, which breaks float64
+finite-difference checks).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from raymeta.errors import UserError
+
+__all__ = ["Batch", "FunctionalLM", "enable_activation_checkpointing", "sequence_losses", "span_positions"]
+
+Tensors = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Right-padded token ids and, per row, the [start, end) span of scored tokens (start >= 1)."""
+
+    ids: torch.Tensor
+    spans: tuple[tuple[int, int], ...]
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(e for _, e in self.spans)
+
+
+def span_positions(spans: Sequence[tuple[int, int]], device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, column) of every scored token, spans in order; token (b, c) is predicted from position c - 1."""
+    rows = torch.cat([torch.full((e - s,), b, dtype=torch.long) for b, (s, e) in enumerate(spans)])
+    cols = torch.cat([torch.arange(s, e) for s, e in spans])
+    return rows.to(device), cols.to(device)
+
+
+def sequence_losses(
+    hidden: torch.Tensor, targets: torch.Tensor, lengths: Sequence[int], head: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """Mean cross-entropy of each sequence's scored tokens.
+
+    `hidden[t]` is the hidden state that predicts `targets[t]`; the tokens of sequence j are the
+    `lengths[j]` consecutive rows after those of sequence j - 1. `head` maps hidden states to logits.
+    """
+    logits = head(hidden)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 up to fp32; fp64 stays
+    token_loss = F.cross_entropy(logits, targets, reduction="none")
+    return torch.stack([part.mean() for part in token_loss.split(list(lengths))])
+
+
+class FunctionalLM:
+    """A Hugging Face causal LM called with an explicit dict of weights (`torch.func.functional_call`).
+
+    The loss is MetaICL's: per sequence the mean cross-entropy of its scored tokens, then the mean over
+    sequences (`sequence_losses`).
+    """
+
+    def __init__(self, model: torch.nn.Module, *, math_attention: bool = True) -> None:
+        hf: Any = model
+        self.model = model
+        self.base: torch.nn.Module = hf.base_model
+        self.prefix = hf.base_model_prefix + "."
+        named = dict(model.named_parameters())
+        head = hf.get_output_embeddings()
+        by_id = {id(p): n for n, p in named.items()}
+        if id(head.weight) not in by_id:
+            raise UserError("its output head's weight is not one of its parameters; unsupported model", key="model")
+        self.head_name = by_id[id(head.weight)]
+        self.head_bias = head.bias
+        self.names = [n for n, p in named.items() if p.requires_grad]
+        self.math_attention = math_attention
+
+    def params(self) -> Tensors:
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+    @contextlib.contextmanager
+    def attention(self) -> Iterator[None]:
+        """SDPA restricted to the math backend: the flash/efficient kernels have no double backward."""
+        if self.math_attention:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            with sdpa_kernel([SDPBackend.MATH]):
+                yield
+        else:
+            yield
+
+    def loss(self, params: Tensors, batch: Batch) -> torch.Tensor:
+        base_params = {n[len(self.prefix) :]: t for n, t in params.items() if n.startswith(self.prefix)}
+        ids = batch.ids.to(params[self.head_name].device)
+        with self.attention():
+            hidden = functional_call(self.base, base_params, (ids,), {"use_cache": False}).last_hidden_state
+        rows, cols = span_positions(batch.spans, ids.device)
+        weight = params[self.head_name]
+        losses = sequence_losses(
+            hidden[rows, cols - 1],
+            ids[rows, cols],
+            [e - s for s, e in batch.spans],
+            lambda h: F.linear(h, weight, self.head_bias),
+        )
+        return losses.sum() / len(batch.spans)
+
+    def check_double_backward(self) -> None:
+        """Fail clearly at start-up when the attention implementation cannot do second order."""
+        params = self.params()
+        batch = Batch(torch.tensor([[1, 2, 3, 4]]), ((1, 4),))
+        try:
+            loss = self.loss(params, batch)
+            grads = torch.autograd.grad(loss, list(params.values()), create_graph=True, allow_unused=True)
+            total = sum((g.pow(2).sum() for g in grads if g is not None), torch.zeros(()))
+            torch.autograd.grad(total, list(params.values()), allow_unused=True)
+        except RuntimeError as e:
+            impl = getattr(getattr(self.model, "config", None), "_attn_implementation", "?")
+            first = str(e).splitlines()[0]
+            raise UserError(
+                f"attention implementation {impl!r} has no double backward ({first}); load it with "
+                "attn_implementation='eager' or use SDPA's math backend",
+                key="model",
+            ) from None
+
+
+def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Non-reentrant checkpointing of each decoder layer (Hugging Face's), exact for `metaicl` only.
+
+    Only the layers themselves are put in training mode (HF checkpoints a layer when it is training);
+    their children stay in eval mode, so no dropout is switched on.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer  # deferred: core needs transformers only here
+
+    hf: Any = model
+    if not getattr(hf, "supports_gradient_checkpointing", False):
+        raise UserError(f"{type(model).__name__} does not support gradient checkpointing", key="activation_checkpointing")
+    hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers:
+        raise UserError(f"no checkpointable layers found in {type(model).__name__}", key="activation_checkpointing")
+    for layer in layers:
+        layer.training = True

@@ -1,0 +1,99 @@
+"""The two things a user runs: `train(cfg)` (meta-training) and `evaluate(model, ...)` (MetaICL's protocol).
+
+import raymeta
+
+cfg = raymeta.load_config("configs/tiny.yaml", ["steps=4"])
+final = raymeta.train(cfg)                       # the final checkpoint folder
+results = raymeta.evaluate(str(final), setting="toy", data="examples/toy-data", k=2, seeds=(100,))
+print(results["runs"]["direct/icl"]["all"]["mean"])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from raymeta.config import TrainConfig
+from raymeta.data import open_data
+from raymeta.errors import UserError
+from raymeta.eval.icl import EvalConfig, LossCache, evaluate_setting
+from raymeta.models import load_model, load_tokenizer, resolve_model_dir
+from raymeta.paths import paths
+from raymeta.run.checkpoint import latest_checkpoint, read_state
+from raymeta.run.distributed import fit
+from raymeta.run.loop import Placement, StepHook, build_sampler, run_loop
+
+__all__ = ["evaluate", "train"]
+
+
+def train(
+    cfg: TrainConfig,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    root: Path | None = None,
+    address: str | None = None,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
+    callbacks: list[Any] | None = None,
+    after_step: StepHook | None = None,
+) -> Path:
+    """Run (or resume) meta-training, on Ray Train workers or (distributed=false) in this process;
+    returns the final checkpoint folder.
+
+    `on_step(metrics)` runs in this process after each step (single-process runs only); `after_step(rank,
+    metrics)` runs on every worker after each step and its checkpoint (it must pickle: a module-level
+    function or object); `callbacks` are Ray Train callbacks (e.g. Tune's `TuneReportCallback`)."""
+    cfg.validate()
+    out = Path(cfg.run.out).resolve()
+    latest = latest_checkpoint(out)
+    if resume and latest is None:
+        raise UserError(f"no checkpoint in {out / 'checkpoints'}", key="resume")
+    if not resume and latest is not None:
+        raise UserError(
+            f"{cfg.run.out}: holds checkpoints of an earlier run; pass --resume to continue it or choose another out", key="out"
+        )
+    if latest is not None and read_state(latest)["step"] >= cfg.run.steps:
+        return latest  # already finished: nothing to resume
+    if cfg.placement.distributed:
+        # pre-flight on the driver: bad data, setting or model fail here in one line, not inside a Ray worker
+        build_sampler(cfg, root)
+        resolve_model_dir(str(latest) if latest is not None else cfg.run.model, root)
+        return fit(cfg, out, latest, address=address, progress=progress, root=root, callbacks=callbacks, after_step=after_step)
+    final = run_loop(cfg, Placement(out), resume_dir=latest, progress=progress, root=root, on_step=on_step, after_step=after_step)
+    assert final is not None
+    return final
+
+
+def evaluate(
+    model: str | torch.nn.Module,
+    tokenizer: Any = None,
+    *,
+    setting: str = "bb_class_to_class",
+    data: str | Path | None = None,
+    config: EvalConfig | None = None,
+    cache: bool = True,
+    progress: bool = False,
+    root: Path | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """Evaluate a model with MetaICL's protocol on a setting's target tasks; returns the results dict
+    (`results["runs"]["direct/icl"]["all"]["mean"]`, ...) that `raymeta eval` writes as results.json.
+
+    `model` is `"builtin"`, a Hugging Face folder, a raymeta checkpoint, or a loaded causal LM (then
+    pass its `tokenizer`). Evaluation settings come as an `EvalConfig` or as its fields (`k=4,
+    seeds=(100, 13), variants=("direct",), modes=("icl",), max_test_examples=10`). Per-option losses
+    are cached under raymeta's home unless `cache=False`."""
+    if config is not None and options:
+        raise UserError(f"pass either config or its fields ({', '.join(options)}), not both", key="config")
+    cfg = config or EvalConfig(**options)
+    if isinstance(model, str):
+        tokenizer = load_tokenizer(model, root)
+        model = load_model(model, root=root)
+    elif tokenizer is None:
+        raise UserError("a loaded model needs its tokenizer (evaluate(model, tokenizer, ...))", key="tokenizer")
+    source = open_data(data, root)
+    loss_cache = LossCache(paths(root).loss_cache) if cache else None
+    return evaluate_setting(model, tokenizer, source, source.setting(setting), cfg, cache=loss_cache, progress=progress)

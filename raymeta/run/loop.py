@@ -1,0 +1,197 @@
+"""The meta-training loop, shared by one process and every Ray Train worker: sample, step, log, checkpoint.
+
+Layout of a run folder (`out`):
+
+    config.yaml              the resolved config
+    metrics.jsonl            one line per meta-step
+    checkpoints/step-NNNNNN/ see `raymeta.run.checkpoint`
+
+Resuming from a checkpoint gives the same trajectory as an uninterrupted run (bit for bit on CPU):
+weights, optimizer state and sampler state are restored exactly, and the model runs in eval mode (no
+dropout), so nothing else is random.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from tqdm import tqdm
+
+from raymeta.config import TrainConfig, to_dict
+from raymeta.core.meta import Accumulator, MetaLearner, TaskBatch
+from raymeta.data import open_data
+from raymeta.data.prompts import PromptBuilder, PromptFormat, make_batch
+from raymeta.data.sampler import MetaBatchSampler, TaskSample
+from raymeta.io import atomic_dir, atomic_write_json, atomic_write_text
+from raymeta.models import load_model, load_tokenizer, resolve_model_dir
+from raymeta.run.checkpoint import load_optimizer, prune_checkpoints, read_state, write_checkpoint
+from raymeta.run.executor import make_executor
+from raymeta.run.validation import HeldOut, held_out_data, held_out_tasks, validate
+
+__all__ = ["Placement", "StepHook", "build_sampler", "run_loop"]
+
+StepHook = Callable[[int, dict[str, Any]], None]
+"""Called on every worker after each meta-step (and its checkpoint) with (rank, the step's metrics)."""
+
+
+def _tokenize(sample: TaskSample, builder: PromptBuilder) -> TaskBatch:
+    def batch(instances):  # type: ignore[no-untyped-def]
+        return make_batch([builder.training_sequence(i.demonstrations, i.target) for i in instances], builder.fmt.max_length)
+
+    return TaskBatch(sample.task, batch(sample.support), batch(sample.query))
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+Writer = Callable[[Path], None]
+
+
+@dataclass
+class Placement:
+    """Where the loop runs: rank and world size, how accumulators are summed across workers, how a
+    checkpoint is stored and how metrics are reported. The defaults are one process, no Ray."""
+
+    out: Path
+    rank: int = 0
+    world: int = 1
+    reduce: Callable[[Accumulator, MetaLearner], Accumulator] | None = None
+    report: Callable[[dict[str, Any]], None] | None = None
+
+    def save(self, step: int, write: Writer, record: dict[str, Any]) -> Path:
+        path = self.out / "checkpoints" / f"step-{step:06d}"
+        with atomic_dir(path) as tmp:
+            write(tmp)
+        return path
+
+
+def build_sampler(cfg: TrainConfig, root: Path | None) -> tuple[MetaBatchSampler, HeldOut | None]:
+    """The meta-batch sampler over the setting's meta-train tasks, less those held out for validation."""
+    t = cfg.tasks
+    data = open_data(t.data, root)
+    setting = data.setting(t.setting)
+    pools = {task: data.pool_examples(task) for task in setting.train}
+    held = held_out_tasks(cfg, setting, pools)
+    sampler = MetaBatchSampler(
+        {name: p for name, p in pools.items() if name not in held},
+        k=t.k,
+        tasks_per_step=t.tasks_per_step,
+        support_size=t.support_size,
+        query_size=t.query_size,
+        seed=cfg.run.seed,
+        max_examples_per_task=t.max_examples_per_task,
+    )
+    return sampler, (held_out_data(cfg, data, held, pools) if held else None)
+
+
+def run_loop(
+    cfg: TrainConfig,
+    place: Placement,
+    *,
+    resume_dir: Path | None,
+    progress: bool,
+    root: Path | None = None,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
+    after_step: StepHook | None = None,
+) -> Path | None:
+    """The meta-training loop shared by one process and every Ray Train worker."""
+    run = cfg.run
+    sampler, held = build_sampler(cfg, root)
+    model_spec = str(resume_dir) if resume_dir is not None else run.model
+    tokenizer = load_tokenizer(model_spec, root)
+    model = load_model(model_spec, root=root)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    learner = MetaLearner(model, cfg.meta)
+    start = 0
+    if resume_dir is not None:
+        state = read_state(resume_dir)
+        start = state["step"]
+        sampler.load_state(state["sampler"])
+        learner.skipped = state["skipped"]
+        if learner.state is not None:
+            learner.state = load_optimizer(resume_dir, list(learner.flm.params()), state["optimizer_step"])
+    shard = len(range(place.rank, cfg.tasks.tasks_per_step, place.world))
+    executor = make_executor(cfg.placement.executor_for(shard), str(resolve_model_dir(model_spec, root)), cfg)
+
+    lead = place.rank == 0
+    metrics_path = place.out / "metrics.jsonl"
+    if lead:
+        place.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(place.out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        kept = []
+        if metrics_path.is_file():
+            kept = [line for line in metrics_path.read_text().splitlines() if line and json.loads(line)["step"] <= start]
+        atomic_write_text(metrics_path, "".join(line + "\n" for line in kept))
+        if held is not None:
+            atomic_write_json(place.out / "validation.json", {"tasks": list(held.setting.test), "seeds": list(held.seeds)})
+
+    t = cfg.tasks
+    builder = PromptBuilder(tokenizer, PromptFormat(t.variant, t.max_length_per_example, t.max_length))  # type: ignore[arg-type]
+    bar = tqdm(
+        total=run.steps, initial=start, desc=f"{cfg.meta.method} meta-training", unit="step", disable=not (progress and lead)
+    )
+    final = resume_dir
+    for step in range(start + 1, run.steps + 1):
+        mine = sampler.sample()[place.rank :: place.world]  # every worker draws the same global batch
+        began = time.perf_counter()
+        acc = executor.accumulate(learner, [_tokenize(s, builder) for s in mine])
+        if place.reduce is not None:
+            acc = place.reduce(acc, learner)
+        m = learner.apply(acc)
+        seconds = time.perf_counter() - began
+        record: dict[str, Any] = {
+            "step": step,
+            "meta_loss": m.query_loss,
+            "support_loss": m.support_loss,
+            "query_loss": m.query_loss,
+            "grad_norm": m.grad_norm,
+            "skipped_steps": learner.skipped,
+            "tokens": m.n_tokens,
+            "seconds": seconds,
+            "tokens_per_s": m.n_tokens / seconds,
+            "meta_steps_per_s": 1 / seconds,
+            "peak_rss_mb": _peak_rss_mb(),
+        }
+        every = run.validation.every
+        validating = held is not None and (step == run.steps or (every > 0 and step % every == 0))
+        if held is not None and validating and lead:
+            record.update(validate(model, tokenizer, held, cfg))
+        if lead:
+            with metrics_path.open("a") as log:
+                log.write(json.dumps(record) + "\n")
+        if on_step is not None:
+            on_step(record)
+        bar.update(1)
+        bar.set_postfix(meta_loss=f"{m.query_loss:.3f}", support=f"{m.support_loss:.3f}", skipped=learner.skipped)
+        if step % run.checkpoint_every == 0 or step == run.steps:
+
+            def write(folder: Path, at: int = step) -> None:
+                write_checkpoint(
+                    folder,
+                    model,
+                    tokenizer,
+                    learner.state,
+                    step=at,
+                    sampler_state=sampler.state(),
+                    skipped=learner.skipped,
+                    config=to_dict(cfg),
+                )
+
+            final = place.save(step, write, record)
+            if lead and run.keep_checkpoints:
+                prune_checkpoints(place.out, run.keep_checkpoints)
+        elif place.report is not None and (step % run.log_every == 0 or validating):
+            place.report(record)
+        if after_step is not None:
+            after_step(place.rank, record)
+    bar.close()
+    return final

@@ -1,0 +1,169 @@
+"""Running a sweep on Ray Tune: one Tune function per trial (a Ray Train run), Optuna as the searcher, ASHA."""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import optuna
+import ray
+import ray.tune
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from raymeta.errors import UserError
+from raymeta.models import resolve_model_dir
+from raymeta.run.api import train
+from raymeta.run.checkpoint import latest_checkpoint
+from raymeta.run.loop import build_sampler
+from raymeta.tune.report import write_outputs
+from raymeta.tune.space import encode
+from raymeta.tune.sweep import Sweep, trial_config
+
+__all__ = ["run_sweep"]
+
+
+def _trial(params: dict[str, Any], sweep: Sweep, root: str | None) -> None:
+    """One Tune trial: a meta-training run on Ray Train, resumed from its own checkpoint if it has one."""
+    trial_id = ray.tune.get_context().get_trial_id()
+    out = sweep.out / "trials" / trial_id
+    cfg = trial_config(sweep, params, out)
+    cfg.validate(f"trial {trial_id}")
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "starts.log").open("a") as f:  # one line each time this trial's function starts
+        f.write(f"{time.time():.3f}\n")
+    latest = latest_checkpoint(out)
+    train(cfg, resume=latest is not None, progress=False, root=Path(root) if root else None, callbacks=[TuneReportCallback()])
+    _wait_for_reports_to_reach_tune()
+
+
+def _wait_for_reports_to_reach_tune(timeout: float = 300.0, quiet_polls: int = 3) -> None:
+    """Return only once Tune has taken every report that Ray Train forwarded.
+
+    Ray 2.60's TuneReportCallback puts rank 0's reports on a one-slot Ray queue; the trial's main
+    thread moves each one to the session's result queue when Tune asks for the next result. When the
+    trial function returns, Tune's wrapper puts its end-of-trial marker straight on that result queue.
+    If the final report was still on the Ray queue then, it lands behind the marker and Tune drops
+    it: the trial ends one report short (seen in CI: a finished trial whose last result was step 3 of
+    4). So wait until both queues have stayed empty for a few polls."""
+    from ray.train._internal.session import get_session  # private (Ray is pinned): read only here
+
+    session = get_session()
+    relay = getattr(session, "_inter_actor_queue", None)
+    results = getattr(session, "result_queue", None)
+    if relay is None and results is None:
+        return
+    deadline = time.monotonic() + timeout
+    quiet = 0
+    while quiet < quiet_polls and time.monotonic() < deadline:
+        busy = (relay is not None and not relay.empty()) or (results is not None and not results.empty())
+        quiet = 0 if busy else quiet + 1
+        time.sleep(0.1)
+
+
+def _scheduler(sweep: Sweep) -> Any:
+    if sweep.scheduler["type"] == "none":
+        return None
+    return ASHAScheduler(
+        time_attr="training_iteration",
+        max_t=max(sweep.max_reports(), 1),
+        grace_period=min(sweep.scheduler["grace_period"], max(sweep.max_reports(), 1)),
+        reduction_factor=sweep.scheduler["reduction_factor"],
+    )
+
+
+def _check_resources(sweep: Sweep, address: str | None) -> None:
+    """One trial must fit in the cluster, or it would wait forever."""
+    place = copy.deepcopy(sweep.config.placement)
+    for p in sweep.space:  # the largest value a trial may draw
+        if p.kind == "choice":
+            continue
+        if "num_workers" in p.keys:
+            place.num_workers = max(place.num_workers, int(p.args[1]))
+        if "cpus_per_worker" in p.keys:
+            place.cpus_per_worker = max(place.cpus_per_worker, float(p.args[1]))
+    need = place.cpus_needed() + sweep.trial_cpus
+    total = ray.cluster_resources().get("CPU", 0.0)
+    if need > total:
+        raise UserError(
+            f"{sweep.path}: resources: a trial needs num_workers x cpus_per_worker (+ cpus_per_task + trial_cpus) = "
+            f"{need:g} CPUs, but the Ray cluster has {total:g}; lower them (fractions allowed) or add nodes"
+        )
+    concurrent = sweep.max_concurrent_trials * need
+    if concurrent > total:
+        message = (
+            f"{sweep.path}: max_concurrent_trials: {sweep.max_concurrent_trials} trials x {need:g} CPUs = {concurrent:g} CPUs, "
+            f"but the Ray cluster has {total:g}; their workers and Ray tasks would wait on each other"
+        )
+        if not address:  # a local cluster will not grow
+            raise UserError(message + "; lower max_concurrent_trials or the trial's resources")
+        warnings.warn(message + " (unless the cluster autoscales)", stacklevel=2)
+    if place.use_gpu and not address and ray.cluster_resources().get("GPU", 0.0) < place.num_workers:
+        raise UserError(f"{sweep.path}: resources.use_gpu: the local Ray cluster has no GPU for {place.num_workers} worker(s)")
+
+
+def run_sweep(
+    sweep: Sweep, *, resume: bool = False, address: str | None = None, root: Path | None = None, verbose: int = 1
+) -> dict[str, Any]:
+    """Run (or resume) a sweep; returns a summary (also written as the run folder's files)."""
+    experiment = sweep.out / "experiment"
+    if resume and not (experiment / "tuner.pkl").is_file():
+        raise UserError(f"no sweep to resume in {sweep.out} (no {experiment / 'tuner.pkl'})", key="resume")
+    if not resume and experiment.exists():
+        raise UserError(f"{sweep.out}: holds an earlier sweep; pass --resume to finish it, or set --out to a new folder")
+    build_sampler(sweep.config, root)  # pre-flight on the driver: data, setting and held-out tasks fail here in one line
+    resolve_model_dir(sweep.config.run.model, root)
+
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")  # the experiment state is small: save it often
+    if not ray.is_initialized():
+        try:
+            # the dashboard serves the state API that Ray Train uses to free a stopped trial's placement group
+            ray.init(address=address or os.environ.get("RAY_ADDRESS"), include_dashboard=True, log_to_driver=verbose > 1)
+        except ConnectionError as e:
+            raise UserError(f"{address}: cannot connect to a Ray cluster ({e})", key="address") from None
+    _check_resources(sweep, address)
+    sweep.out.mkdir(parents=True, exist_ok=True)
+
+    # Tune refuses an all-zero request: a trial that holds no CPU asks for 1 MiB of memory instead
+    request: dict[str, float] = {"cpu": sweep.trial_cpus} if sweep.trial_cpus > 0 else {"cpu": 0.0, "memory": float(1 << 20)}
+    trainable = tune.with_resources(tune.with_parameters(_trial, sweep=sweep, root=str(root) if root else None), request)
+    if resume:
+        tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        storage = optuna.storages.RDBStorage(f"sqlite:///{sweep.out / 'study.db'}")
+        sampler: optuna.samplers.BaseSampler
+        if sweep.search == "grid":
+            sampler = optuna.samplers.GridSampler({p.name: [encode(v) for v in p.args] for p in sweep.space}, seed=sweep.seed)
+        elif sweep.search == "random":
+            sampler = optuna.samplers.RandomSampler(seed=sweep.seed)
+        else:
+            sampler = optuna.samplers.TPESampler(seed=sweep.seed)
+        search = OptunaSearch(
+            space={p.name: p.distribution() for p in sweep.space},
+            metric=sweep.metric,
+            mode=sweep.mode,
+            sampler=sampler,
+            storage=storage,
+            study_name=sweep.name,
+        )
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                search_alg=search,
+                scheduler=_scheduler(sweep),
+                num_samples=sweep.num_samples,
+                max_concurrent_trials=sweep.max_concurrent_trials,
+                metric=sweep.metric,
+                mode=sweep.mode,
+            ),
+            run_config=tune.RunConfig(name="experiment", storage_path=str(sweep.out), verbose=verbose),
+        )
+    results = tuner.fit()
+    return write_outputs(sweep, results)
