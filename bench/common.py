@@ -14,6 +14,7 @@ from typing import Any
 __all__ = [
     "bench_model",
     "check_memory_env",
+    "cpu_model_and_flags",
     "environment",
     "measure_step",
     "memory_env",
@@ -85,6 +86,22 @@ def rss_mb() -> float:
     return float("nan")
 
 
+def cpu_model_and_flags() -> dict[str, Any]:
+    """The CPU's model name and the flags that decide matmul speed (AVX2, AVX-512, AMX-BF16), from /proc/cpuinfo."""
+    model, flags = None, set()
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model is None:
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+    return {"cpu_model": model, "cpu_flags": [f for f in wanted if f in flags]}
+
+
 def environment() -> dict[str, Any]:
     import torch
 
@@ -100,6 +117,7 @@ def environment() -> dict[str, Any]:
         "machine": {
             "platform": platform.platform(),
             "processor": platform.processor() or platform.machine(),
+            **cpu_model_and_flags(),
             "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,

@@ -102,6 +102,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
+    from raymeta.core.device import resolve_device
     from raymeta.data import open_data
     from raymeta.eval.adapt import AdaptConfig
     from raymeta.eval.icl import EvalConfig, LossCache, evaluate_setting
@@ -126,8 +127,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     setting = data.setting(args.setting)
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
     tokenizer = load_tokenizer(args.model, args.home)
-    model = load_model(args.model, dtype=args.dtype, device=args.device, root=args.home)
+    model = load_model(args.model, dtype=args.dtype, device=device, root=args.home)
     out = args.out or Path("runs") / f"eval-{setting.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     cache = None if args.no_cache else LossCache(paths(args.home).loss_cache)
     started = time.time()
@@ -344,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapt-optimizer", default="adamw", help="sgd, adam or adamw (default adamw)")
     p.add_argument("--spaces", action="store_true", help="MetaICL's original space-separated format instead of newlines")
     p.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--device", default="auto", help="auto (CUDA where there is one, else cpu; the default), cpu, cuda or cuda:N")
     p.add_argument("--threads", type=_positive, default=None, help="torch CPU threads")
     p.set_defaults(func=cmd_eval, parser=p)
     return parser

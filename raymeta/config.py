@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from raymeta.core.device import DEVICE_CHOICES, is_device_spec
 from raymeta.core.meta import METHODS, MOMENT_POLICIES, PRECISIONS, InnerConfig, MetaConfig, OuterConfig
 from raymeta.data.prompts import VARIANTS
 from raymeta.errors import UserError
@@ -156,11 +157,13 @@ class PlacementConfig:
     """Where the run's work goes: Ray Train workers, the executor of the per-task adaptations, resources."""
 
     distributed: bool = True  # Ray Train workers; false runs the loop in this process without Ray
+    device: str = "auto"  # this process's device when distributed is false: auto | cpu | cuda | cuda:N
     num_workers: int = 1
     executor: str = "auto"  # local | ray | auto (ray when a worker has more than one task a step)
     cpus_per_worker: float = 0.5
     cpus_per_task: float = 0.5
-    use_gpu: bool = False
+    use_gpu: bool = False  # one GPU per Ray Train worker (the worker's device is ray.train.torch.get_device())
+    gpus_per_task: float = 0.0  # GPUs per Ray task of the executor (fractions share a GPU)
     max_failures: int = 1  # worker failures to recover from (from the last checkpoint)
     placement_strategy: str = "PACK"  # PACK | SPREAD (one worker per node where possible)
 
@@ -177,10 +180,24 @@ class PlacementConfig:
                 raise _bad(where, key, "a positive number of CPUs (fractions allowed)", cpus)
         if self.max_failures < -1:
             raise _bad(where, "max_failures", "an integer >= -1 (-1: unlimited)", self.max_failures)
+        if not is_device_spec(self.device):
+            raise _bad(where, "device", DEVICE_CHOICES, self.device)
+        if self.distributed and self.device.startswith("cuda") and not self.use_gpu:
+            raise _bad(
+                where, "device", "auto or cpu for Ray Train workers without use_gpu (set use_gpu: true for GPUs)", self.device
+            )
+        if self.distributed and self.device == "cpu" and self.use_gpu:
+            raise _bad(where, "device", "auto or cuda with use_gpu: true", self.device)
+        if not self.gpus_per_task >= 0:
+            raise _bad(where, "gpus_per_task", "a number of GPUs >= 0 (fractions allowed)", self.gpus_per_task)
 
     def cpus_needed(self) -> float:
         """CPUs one run holds at once: its Train workers, plus one Ray task when tasks run as Ray tasks."""
         return self.num_workers * self.cpus_per_worker + (self.cpus_per_task if self.executor != "local" else 0.0)
+
+    def gpus_needed(self) -> float:
+        """GPUs one run holds at once: one per Train worker under use_gpu, plus one Ray task's gpus_per_task."""
+        return self.num_workers * float(self.use_gpu) + (self.gpus_per_task if self.executor != "local" else 0.0)
 
     def executor_for(self, tasks_on_worker: int) -> str:
         if self.executor != "auto":

@@ -44,7 +44,12 @@ def resolve_model_dir(spec: str, root: Path | None = None) -> Path:
 
 
 def load_model(
-    spec: str, *, dtype: str = "float32", device: str = "cpu", attn_implementation: str | None = None, root: Path | None = None
+    spec: str,
+    *,
+    dtype: str = "float32",
+    device: str | torch.device = "cpu",
+    attn_implementation: str | None = None,
+    root: Path | None = None,
 ) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 

@@ -76,8 +76,10 @@ def local_ray(*, dashboard: bool):
     """A Ray instance of our own (2 CPUs), shut down afterwards: tests never `ray stop`."""
     import ray
 
+    from raymeta.run.session import connect
+
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    ray.init(num_cpus=2, include_dashboard=dashboard, log_to_driver=False)
+    connect(None, dashboard=dashboard, log_to_driver=False, num_cpus=2)  # as raymeta starts one: loopback, token
     try:
         yield ray
     finally:

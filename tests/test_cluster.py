@@ -123,7 +123,9 @@ def test_token_auth_head_runs_a_submitted_job_and_shows_its_metrics(tmp_path, gp
         "RAY_USAGE_STATS_ENABLED": "0",
         "RAY_metrics_report_interval_ms": "500",
     }
-    env.pop("RAY_ADDRESS", None)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # `raymeta` for the job
+    for key in ("RAY_ADDRESS", "RAY_AUTH_TOKEN"):  # this head's token comes from its file
+        env.pop(key, None)
     head = subprocess.Popen(
         [
             RAY,
@@ -161,25 +163,26 @@ def test_token_auth_head_runs_a_submitted_job_and_shows_its_metrics(tmp_path, gp
         assert status in (401, 403), status  # no token, no API
 
         out = tmp_path / "run"
-        config = tmp_path / "job.yaml"
-        config.write_text(
-            yaml.safe_dump(
-                {
-                    "model": str(tmp_path / "model"),
-                    "data": str(tmp_path / "data"),
-                    "setting": "toy",
-                    "out": str(out),
-                    "k": 2,
-                    "steps": 6,
-                    "checkpoint_every": 3,
-                    "max_length": 256,
-                    "executor": "local",
-                }
-            )
-        )
-        entrypoint = f"{sys.executable} -m raymeta.cli train {config}"
+        # as the README says: the checkout as the job's working dir, a shipped config, overrides
+        overrides = {
+            "model": tmp_path / "model",
+            "data": tmp_path / "data",
+            "setting": "toy",
+            "out": out,
+            "k": 2,
+            "steps": 6,
+            "checkpoint_every": 3,
+            "max_length": 256,
+            "executor": "local",
+            "distributed": "true",
+            "validation.tasks": 0,
+            "tasks_per_step": 2,
+        }
+        entrypoint = ["raymeta", "train", "configs/tiny.yaml", *[f"{k}={v}" for k, v in overrides.items()]]
+        repo = Path(__file__).resolve().parents[1]
         submit = subprocess.run(
-            [RAY, "job", "submit", "--address", api, "--no-wait", "--submission-id", "raymeta-test", "--", *entrypoint.split()],
+            [RAY, "job", "submit", "--address", api, "--working-dir", str(repo), "--no-wait", "--submission-id", "raymeta-test"]
+            + ["--", *entrypoint],
             env=env,
             capture_output=True,
             text=True,

@@ -39,9 +39,9 @@ class Batch:
 
 def span_positions(spans: Sequence[tuple[int, int]], device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
     """(row, column) of every scored token, spans in order; token (b, c) is predicted from position c - 1."""
-    rows = torch.cat([torch.full((e - s,), b, dtype=torch.long) for b, (s, e) in enumerate(spans)])
-    cols = torch.cat([torch.arange(s, e) for s, e in spans])
-    return rows.to(device), cols.to(device)
+    rows = torch.cat([torch.full((e - s,), b, dtype=torch.long, device=device) for b, (s, e) in enumerate(spans)])
+    cols = torch.cat([torch.arange(s, e, device=device) for s, e in spans])
+    return rows, cols
 
 
 def sequence_losses(
@@ -116,7 +116,7 @@ class FunctionalLM:
         try:
             loss = self.loss(params, batch)
             grads = torch.autograd.grad(loss, list(params.values()), create_graph=True, allow_unused=True)
-            total = sum((g.pow(2).sum() for g in grads if g is not None), torch.zeros(()))
+            total = sum((g.pow(2).sum() for g in grads if g is not None), torch.zeros((), device=batch.ids.device))
             torch.autograd.grad(total, list(params.values()), allow_unused=True)
         except RuntimeError as e:
             impl = getattr(getattr(self.model, "config", None), "_attn_implementation", "?")

@@ -26,8 +26,9 @@ weights or the optimizer state.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -145,6 +146,21 @@ class MetaConfig:
         return OptimizerSpec(self.outer.optimizer, self.outer.lr, self.betas, self.eps, 0.0, self.weight_decay)
 
 
+def item(t: torch.Tensor) -> float:
+    """A scalar tensor's value on the host. A meta-step's only device-to-host reads are these and
+    `all_finite` (a loss, a norm, a finiteness check): everything else stays on the weights' device."""
+    return float(t.detach())
+
+
+def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def host_values(t: torch.Tensor) -> list[float]:
+    """A small tensor's values on the host, in one read."""
+    return [float(x) for x in t.detach().cpu().tolist()]
+
+
 @dataclass(frozen=True)
 class TaskBatch:
     task: str
@@ -162,11 +178,7 @@ class TaskResult:
 
     @property
     def finite(self) -> bool:
-        return (
-            math.isfinite(self.support_loss)
-            and math.isfinite(self.query_loss)
-            and all(bool(torch.isfinite(g).all()) for g in self.grads.values())
-        )
+        return math.isfinite(self.support_loss) and math.isfinite(self.query_loss) and all_finite(self.grads.values())
 
 
 def _inner_start(cfg: MetaConfig, params: Tensors, outer_state: AdamState | None) -> AdamState | None:
@@ -181,14 +193,15 @@ def task_meta_gradient(
     flm: FunctionalLM, params: Tensors, outer_state: AdamState | None, batch: TaskBatch, cfg: MetaConfig
 ) -> TaskResult:
     """The meta-gradient G_i of one task (a pure function of its inputs: it can run in another process)."""
-    autocast = torch.autocast(params[flm.head_name].device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    device = params[flm.head_name].device
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.precision == "bf16" else contextlib.nullcontext()
     names = list(params)
     n_tokens = batch.support.n_tokens * cfg.inner.steps + batch.query.n_tokens
     with autocast:
         if cfg.method == "metaicl":
             loss = flm.loss(params, batch.query)
             grads = torch.autograd.grad(loss, [params[n] for n in names])
-            value = float(loss.detach())
+            value = item(loss)
             return TaskResult(dict(zip(names, grads)), None, value, value, batch.query.n_tokens)
 
         second = cfg.method == "maml_en_llm"
@@ -198,7 +211,7 @@ def task_meta_gradient(
         for k in range(cfg.inner.steps):
             loss = flm.loss(theta, batch.support)
             if k == 0:
-                support_loss = float(loss.detach())
+                support_loss = item(loss)
             grads = torch.autograd.grad(loss, [theta[n] for n in names], create_graph=second)
             theta, state = optimizer_step(cfg.inner_spec(), theta, dict(zip(names, grads)), state)
             if not second:
@@ -210,14 +223,14 @@ def task_meta_gradient(
 
         if cfg.method == "reptile":
             with torch.no_grad():
-                query_loss = float(flm.loss(theta, batch.query))
+                query_loss = item(flm.loss(theta, batch.query))
             meta = {n: params[n].detach() - theta[n].detach() for n in names}
             return TaskResult(meta, final_state, support_loss, query_loss, n_tokens)
 
         loss = flm.loss(theta, batch.query)
         wrt = [params[n] for n in names] if second else [theta[n] for n in names]
         meta_grads = torch.autograd.grad(loss, wrt)
-        return TaskResult(dict(zip(names, meta_grads)), final_state, support_loss, float(loss.detach()), n_tokens)
+        return TaskResult(dict(zip(names, meta_grads)), final_state, support_loss, item(loss), n_tokens)
 
 
 @dataclass
@@ -312,7 +325,7 @@ class MetaLearner:
             return StepMetrics(support, query, float("nan"), True, acc.n_tokens)
         params = self.flm.params()
         meta = {nm: g / n for nm, g in acc.grads.items()}
-        norm = float(torch.sqrt(sum((g.double().pow(2).sum() for g in meta.values()), torch.zeros((), dtype=torch.float64))))
+        norm = item(torch.sqrt(sum((g.double().pow(2).sum() for g in meta.values()), torch.zeros((), dtype=torch.float64))))
         if not math.isfinite(norm):
             self.skipped += 1
             return StepMetrics(support, query, norm, True, acc.n_tokens)

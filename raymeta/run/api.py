@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from raymeta.config import TrainConfig
+from raymeta.core.device import resolve_device
 from raymeta.data import open_data
 from raymeta.errors import UserError
 from raymeta.eval.icl import EvalConfig, LossCache, evaluate_setting
@@ -25,6 +26,7 @@ from raymeta.paths import paths
 from raymeta.run.checkpoint import latest_checkpoint, read_state
 from raymeta.run.distributed import fit
 from raymeta.run.loop import Placement, StepHook, build_sampler, run_loop
+from raymeta.run.session import connect, joined_address
 
 __all__ = ["evaluate", "train"]
 
@@ -57,11 +59,15 @@ def train(
         )
     if latest is not None and read_state(latest)["step"] >= cfg.run.steps:
         return latest  # already finished: nothing to resume
+    if not cfg.placement.distributed or joined_address(address) is None:
+        resolve_device(cfg.placement.device)  # CUDA asked for where there is none: one line, before anything starts
     if cfg.placement.distributed:
         # pre-flight on the driver: bad data, setting or model fail here in one line, not inside a Ray worker
         build_sampler(cfg, root)
         resolve_model_dir(str(latest) if latest is not None else cfg.run.model, root)
         return fit(cfg, out, latest, address=address, progress=progress, root=root, callbacks=callbacks, after_step=after_step)
+    if cfg.placement.executor == "ray":  # tasks as Ray tasks from this process
+        connect(address, log_to_driver=progress)
     final = run_loop(cfg, Placement(out), resume_dir=latest, progress=progress, root=root, on_step=on_step, after_step=after_step)
     assert final is not None
     return final
@@ -77,21 +83,23 @@ def evaluate(
     cache: bool = True,
     progress: bool = False,
     root: Path | None = None,
+    device: str = "auto",
     **options: Any,
 ) -> dict[str, Any]:
     """Evaluate a model with MetaICL's protocol on a setting's target tasks; returns the results dict
     (`results["runs"]["direct/icl"]["all"]["mean"]`, ...) that `raymeta eval` writes as results.json.
 
-    `model` is `"builtin"`, a Hugging Face folder, a raymeta checkpoint, or a loaded causal LM (then
-    pass its `tokenizer`). Evaluation settings come as an `EvalConfig` or as its fields (`k=4,
-    seeds=(100, 13), variants=("direct",), modes=("icl",), max_test_examples=10`). Per-option losses
-    are cached under raymeta's home unless `cache=False`."""
+    `model` is `"builtin"`, a Hugging Face folder or a raymeta checkpoint (loaded on `device`: auto,
+    cpu, cuda[:N]), or a loaded causal LM (then pass its `tokenizer`; it is scored where it is).
+    Evaluation settings come as an `EvalConfig` or as its fields (`k=4, seeds=(100, 13),
+    variants=("direct",), modes=("icl",), max_test_examples=10`). Per-option losses are cached under
+    raymeta's home unless `cache=False`."""
     if config is not None and options:
         raise UserError(f"pass either config or its fields ({', '.join(options)}), not both", key="config")
     cfg = config or EvalConfig(**options)
     if isinstance(model, str):
         tokenizer = load_tokenizer(model, root)
-        model = load_model(model, root=root)
+        model = load_model(model, root=root, device=resolve_device(device))
     elif tokenizer is None:
         raise UserError("a loaded model needs its tokenizer (evaluate(model, tokenizer, ...))", key="tokenizer")
     source = open_data(data, root)

@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import load_file, save_file
 
 from raymeta.core.optim import AdamState
@@ -58,10 +59,10 @@ def write_checkpoint(
     model.save_pretrained(folder / "model")
     tokenizer.save_pretrained(folder / "model")
     tensors = {}
-    if state is not None:
+    if state is not None:  # CPU copies: a checkpoint loads on any device
         tensors = {
-            **{f"m.{n}": t.contiguous() for n, t in state.m.items()},
-            **{f"v.{n}": t.contiguous() for n, t in state.v.items()},
+            **{f"m.{n}": t.detach().cpu().contiguous() for n, t in state.m.items()},
+            **{f"v.{n}": t.detach().cpu().contiguous() for n, t in state.v.items()},
         }
     save_file(tensors, str(folder / "optimizer.safetensors"))
     atomic_write_json(
@@ -76,6 +77,7 @@ def write_checkpoint(
     )
 
 
-def load_optimizer(checkpoint: Path, names: list[str], step: int) -> AdamState:
-    tensors = load_file(str(checkpoint / "optimizer.safetensors"))
+def load_optimizer(checkpoint: Path, names: list[str], step: int, device: torch.device | str = "cpu") -> AdamState:
+    """The outer optimizer's state of a checkpoint, on `device`."""
+    tensors = load_file(str(checkpoint / "optimizer.safetensors"), device=str(device))
     return AdamState({n: tensors[f"m.{n}"] for n in names}, {n: tensors[f"v.{n}"] for n in names}, step)

@@ -19,6 +19,7 @@ from typing import Any
 
 import ray
 import ray.train
+import ray.train.torch
 import torch
 import torch.distributed as dist
 from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
@@ -26,10 +27,11 @@ from ray.train.torch import TorchTrainer
 from ray.util.metrics import Gauge
 
 from raymeta.config import TrainConfig, apply_overrides, to_dict
-from raymeta.core.meta import Accumulator, MetaLearner
+from raymeta.core.meta import Accumulator, MetaLearner, host_values
 from raymeta.errors import UserError
 from raymeta.io import atomic_write_json
 from raymeta.run.loop import Placement, StepHook, run_loop
+from raymeta.run.session import check_resources, connect, progress_while_short
 
 __all__ = ["all_reduce", "fit"]
 
@@ -44,14 +46,16 @@ def all_reduce(acc: Accumulator, learner: MetaLearner) -> Accumulator:
     flat = torch.cat(
         [torch.cat([p.get(n, torch.zeros_like(params[n])).detach().reshape(-1).to(torch.float32) for n in names]) for p in parts]
     )
-    scalars = torch.tensor(
-        [acc.n, acc.support_loss, acc.query_loss, acc.n_tokens, 0.0 if acc.finite else 1.0], dtype=torch.float64
+    scalars = torch.tensor(  # on the buffer's device: NCCL all-reduces device tensors only
+        [acc.n, acc.support_loss, acc.query_loss, acc.n_tokens, 0.0 if acc.finite else 1.0],
+        dtype=torch.float64,
+        device=flat.device,
     )
     dist.all_reduce(flat)
     dist.all_reduce(scalars)
+    tasks, support, query, tokens, non_finite = host_values(scalars)
     out = Accumulator()
-    out.n, out.support_loss, out.query_loss = int(scalars[0]), float(scalars[1]), float(scalars[2])
-    out.n_tokens, out.finite = int(scalars[3]), bool(scalars[4] == 0)
+    out.n, out.support_loss, out.query_loss, out.n_tokens, out.finite = int(tasks), support, query, int(tokens), non_finite == 0
     at = 0
     for target in [out.grads, out.m, out.v][: len(parts)]:
         for n in names:
@@ -126,7 +130,17 @@ def _worker(config: dict[str, Any]) -> None:
         resume_dir = Path(checkpoint.path)
     place = RayPlacement(out, rank, world, all_reduce if world > 1 else None, ray.train.report)
     root = Path(config["root"]) if config["root"] else None
-    run_loop(cfg, place, resume_dir=resume_dir, progress=False, root=root, on_step=publish, after_step=config["after_step"])
+    device = ray.train.torch.get_device()  # the worker's GPU under use_gpu, else the CPU
+    run_loop(
+        cfg,
+        place,
+        resume_dir=resume_dir,
+        progress=False,
+        root=root,
+        device=device,
+        on_step=publish,
+        after_step=config["after_step"],
+    )
 
 
 def fit(
@@ -142,20 +156,11 @@ def fit(
 ) -> Path:
     """Run meta-training as a Ray Train job; returns the final checkpoint folder."""
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")  # report latency: ~2 s otherwise
-    if not ray.is_initialized():
-        try:
-            ray.init(address=address or os.environ.get("RAY_ADDRESS"), include_dashboard=None, log_to_driver=progress)
-        except ConnectionError as e:
-            raise UserError(f"{address}: cannot connect to a Ray cluster ({e})", key="address") from None
+    joined = connect(address, log_to_driver=progress)
     place = cfg.placement
+    what = "num_workers x (cpus_per_worker, use_gpu) + one Ray task (cpus_per_task, gpus_per_task)"
+    check_resources(place.cpus_needed(), place.gpus_needed(), joined=joined, what=what)
     resources: dict[str, float] = {"CPU": place.cpus_per_worker}
-    total = ray.cluster_resources().get("CPU", 0.0)
-    need = place.cpus_needed()
-    if need > total:
-        raise UserError(
-            f"num_workers x cpus_per_worker (+ cpus_per_task for Ray tasks) = {need:g} CPUs, but the Ray cluster has {total:g}: "
-            "the run would wait forever; lower them (fractions allowed) or add nodes"
-        )
     config = {"cfg": to_dict(cfg), "out": str(out), "root": str(root) if root else None, "after_step": after_step}
     trainer = TorchTrainer(
         _worker,
@@ -174,7 +179,8 @@ def fit(
         ),
         resume_from_checkpoint=Checkpoint(str(latest)) if latest is not None else None,
     )
-    result = trainer.fit()
+    with progress_while_short(place.cpus_needed(), place.gpus_needed()):
+        result = trainer.fit()
     if result.error is not None:
         raise result.error
     if result.checkpoint is None:

@@ -5,8 +5,10 @@ state into the object store once per meta-step (numpy arrays, read zero-copy by 
 one Ray task per meta-task: the whole inner loop and the query backward run inside the task (autograd
 graphs cannot cross processes), which returns its meta-gradient and final inner moments. The model
 object (the architecture; the weights are replaced by the ones passed in) is cached per Ray worker
-process. Tasks are pure functions of their inputs, so Ray retries them when their process dies; they
-are scheduled on the caller's node (soft affinity) with `cpus_per_task` CPUs each.
+process and device. Tasks are pure functions of their inputs, so Ray retries them when their process
+dies; they are scheduled on the caller's node (soft affinity) with `cpus_per_task` CPUs and
+`gpus_per_task` GPUs each (a fraction shares a GPU); a task that holds a GPU runs on it, and its results
+come back to the caller's device.
 """
 
 from __future__ import annotations
@@ -48,6 +50,15 @@ def _torch(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         return {n: torch.from_numpy(a) for n, a in arrays.items()}
 
 
+def _on(arrays: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
+    """Object-store arrays as tensors on `device` (no copy on the CPU)."""
+    return {n: t.to(device) for n, t in _torch(arrays).items()}
+
+
+def _state(m: dict[str, np.ndarray] | None, v: dict[str, np.ndarray] | None, step: int, device: torch.device) -> AdamState | None:
+    return AdamState(_on(m, device), _on(v, device), step) if m is not None and v is not None else None
+
+
 def _run_task(
     model_dir: str,
     params: dict[str, np.ndarray],
@@ -63,12 +74,15 @@ def _run_task(
     # one BLAS thread per CPU held, rounded up (Ray gives a fractional task one): 0.5 + 1.5 on a 2-core node
     # lets the one running task use both cores while its Train worker waits
     torch.set_num_threads(max(1, math.ceil(cpus - 1e-9)))
-    if model_dir not in _MODELS:
-        model = load_model(model_dir)
-        _MODELS[model_dir] = (model, FunctionalLM(model, math_attention=cfg.method == "maml_en_llm"))
-    _, flm = _MODELS[model_dir]
-    theta = {n: t.requires_grad_() for n, t in _torch(params).items()}
-    outer = AdamState(_torch(state["m"]), _torch(state["v"]), state["step"]) if state is not None else None
+    # the task's GPU when it holds one (Ray sets CUDA_VISIBLE_DEVICES to it), else the CPU
+    device = torch.device("cuda") if ray.get_gpu_ids() else torch.device("cpu")
+    key = f"{model_dir}@{device}"
+    if key not in _MODELS:
+        model = load_model(model_dir, device=device)
+        _MODELS[key] = (model, FunctionalLM(model, math_attention=cfg.method == "maml_en_llm"))
+    _, flm = _MODELS[key]
+    theta = {n: t.requires_grad_() for n, t in _on(params, device).items()}
+    outer = _state(state["m"], state["v"], state["step"], device) if state is not None else None
     r = task_meta_gradient(flm, theta, outer, batch, cfg)
     inner = r.inner_state if cfg.moment_policy == "shared" else None  # only `shared` needs the moments back
     return {
@@ -100,7 +114,7 @@ class RayExecutor:
         node = ray.get_runtime_context().get_node_id()
         self.remote = ray.remote(_run_task).options(
             num_cpus=self.cpus,
-            num_gpus=0,
+            num_gpus=cfg.placement.gpus_per_task,
             max_retries=3,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=True),
             runtime_env=runtime_env,
@@ -110,6 +124,7 @@ class RayExecutor:
         acc = Accumulator()
         if not batches:
             return acc
+        device = next(iter(learner.flm.params().values())).device
         params_ref = ray.put(_numpy(learner.flm.params()))
         state = learner.state
         state_ref: Any = ray.put({"m": _numpy(state.m), "v": _numpy(state.v), "step": state.step}) if state is not None else None
@@ -121,8 +136,8 @@ class RayExecutor:
         for i in range(len(refs)):
             out = ray.get(refs[i])
             refs[i] = None
-            inner = AdamState(_torch(out["m"]), _torch(out["v"]), out["step"]) if out["m"] is not None else None
-            acc.add(TaskResult(_torch(out["grads"]), inner, out["support_loss"], out["query_loss"], out["n_tokens"]))
+            inner = _state(out["m"], out["v"], out["step"], device)
+            acc.add(TaskResult(_on(out["grads"], device), inner, out["support_loss"], out["query_loss"], out["n_tokens"]))
             del out, inner
         return acc
 

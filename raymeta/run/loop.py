@@ -21,10 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from tqdm import tqdm
 
 from raymeta.config import TrainConfig, to_dict
+from raymeta.core.device import resolve_device
 from raymeta.core.meta import Accumulator, MetaLearner, TaskBatch
 from raymeta.data import open_data
 from raymeta.data.prompts import PromptBuilder, PromptFormat, make_batch
@@ -99,15 +101,18 @@ def run_loop(
     resume_dir: Path | None,
     progress: bool,
     root: Path | None = None,
+    device: torch.device | None = None,
     on_step: Callable[[dict[str, Any]], None] | None = None,
     after_step: StepHook | None = None,
 ) -> Path | None:
-    """The meta-training loop shared by one process and every Ray Train worker."""
+    """The meta-training loop shared by one process and every Ray Train worker; everything of a step
+    lives on `device` (default: the config's `device`)."""
     run = cfg.run
+    device = device if device is not None else resolve_device(cfg.placement.device)
     sampler, held = build_sampler(cfg, root)
     model_spec = str(resume_dir) if resume_dir is not None else run.model
     tokenizer = load_tokenizer(model_spec, root)
-    model = load_model(model_spec, root=root)
+    model = load_model(model_spec, root=root, device=device)
     for p in model.parameters():
         p.requires_grad_(True)
     learner = MetaLearner(model, cfg.meta)
@@ -118,7 +123,7 @@ def run_loop(
         sampler.load_state(state["sampler"])
         learner.skipped = state["skipped"]
         if learner.state is not None:
-            learner.state = load_optimizer(resume_dir, list(learner.flm.params()), state["optimizer_step"])
+            learner.state = load_optimizer(resume_dir, list(learner.flm.params()), state["optimizer_step"], device)
     shard = len(range(place.rank, cfg.tasks.tasks_per_step, place.world))
     executor = make_executor(cfg.placement.executor_for(shard), str(resolve_model_dir(model_spec, root)), cfg)
 

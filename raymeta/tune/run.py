@@ -17,11 +17,13 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
+from raymeta.config import PlacementConfig
 from raymeta.errors import UserError
 from raymeta.models import resolve_model_dir
 from raymeta.run.api import train
 from raymeta.run.checkpoint import latest_checkpoint
 from raymeta.run.loop import build_sampler
+from raymeta.run.session import check_resources, connect, progress_while_short
 from raymeta.tune.report import write_outputs
 from raymeta.tune.space import encode
 from raymeta.tune.sweep import Sweep, trial_config
@@ -78,34 +80,31 @@ def _scheduler(sweep: Sweep) -> Any:
     )
 
 
-def _check_resources(sweep: Sweep, address: str | None) -> None:
-    """One trial must fit in the cluster, or it would wait forever."""
+def _trial_placement(sweep: Sweep) -> PlacementConfig:
+    """The placement of the largest trial the space can draw."""
     place = copy.deepcopy(sweep.config.placement)
-    for p in sweep.space:  # the largest value a trial may draw
+    for p in sweep.space:
         if p.kind == "choice":
             continue
         if "num_workers" in p.keys:
             place.num_workers = max(place.num_workers, int(p.args[1]))
         if "cpus_per_worker" in p.keys:
             place.cpus_per_worker = max(place.cpus_per_worker, float(p.args[1]))
-    need = place.cpus_needed() + sweep.trial_cpus
+    return place
+
+
+def _check_concurrency(sweep: Sweep, need: float, joined: bool) -> None:
+    """Concurrent trials that cannot all fit would wait on each other's workers and Ray tasks."""
     total = ray.cluster_resources().get("CPU", 0.0)
-    if need > total:
-        raise UserError(
-            f"{sweep.path}: resources: a trial needs num_workers x cpus_per_worker (+ cpus_per_task + trial_cpus) = "
-            f"{need:g} CPUs, but the Ray cluster has {total:g}; lower them (fractions allowed) or add nodes"
-        )
     concurrent = sweep.max_concurrent_trials * need
     if concurrent > total:
         message = (
             f"{sweep.path}: max_concurrent_trials: {sweep.max_concurrent_trials} trials x {need:g} CPUs = {concurrent:g} CPUs, "
             f"but the Ray cluster has {total:g}; their workers and Ray tasks would wait on each other"
         )
-        if not address:  # a local cluster will not grow
+        if not joined:  # a local cluster will not grow
             raise UserError(message + "; lower max_concurrent_trials or the trial's resources")
         warnings.warn(message + " (unless the cluster autoscales)", stacklevel=2)
-    if place.use_gpu and not address and ray.cluster_resources().get("GPU", 0.0) < place.num_workers:
-        raise UserError(f"{sweep.path}: resources.use_gpu: the local Ray cluster has no GPU for {place.num_workers} worker(s)")
 
 
 def run_sweep(
@@ -122,13 +121,12 @@ def run_sweep(
 
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")  # the experiment state is small: save it often
-    if not ray.is_initialized():
-        try:
-            # the dashboard serves the state API that Ray Train uses to free a stopped trial's placement group
-            ray.init(address=address or os.environ.get("RAY_ADDRESS"), include_dashboard=True, log_to_driver=verbose > 1)
-        except ConnectionError as e:
-            raise UserError(f"{address}: cannot connect to a Ray cluster ({e})", key="address") from None
-    _check_resources(sweep, address)
+    # the dashboard serves the state API that Ray Train uses to free a stopped trial's placement group
+    joined = connect(address, dashboard=True, log_to_driver=verbose > 1)
+    place = _trial_placement(sweep)
+    need_cpus, need_gpus = place.cpus_needed() + sweep.trial_cpus, place.gpus_needed()
+    check_resources(need_cpus, need_gpus, joined=joined, what=f"{sweep.path}: resources: a trial")
+    _check_concurrency(sweep, need_cpus, joined)
     sweep.out.mkdir(parents=True, exist_ok=True)
 
     # Tune refuses an all-zero request: a trial that holds no CPU asks for 1 MiB of memory instead
@@ -165,5 +163,6 @@ def run_sweep(
             ),
             run_config=tune.RunConfig(name="experiment", storage_path=str(sweep.out), verbose=verbose),
         )
-    results = tuner.fit()
+    with progress_while_short(need_cpus, need_gpus):
+        results = tuner.fit()
     return write_outputs(sweep, results)

@@ -1,0 +1,111 @@
+"""Connecting to Ray: join a cluster, or start an embedded local one that only this machine can reach.
+
+- `--address` / `RAY_ADDRESS`: join that cluster, as it is (its own auth settings apply). A resource
+  shortfall there is a warning: the autoscaler may add nodes once the run's demand reaches it, so the
+  run waits, printing what it waits for.
+- otherwise: an embedded local cluster. Every Ray server binds to 127.0.0.1 (`_node_ip_address`;
+  Ray binds its gRPC servers to the node address) and the dashboard to loopback, and it runs with
+  Ray's token auth and a random token of this process, so no other user or host can join it or
+  submit work. A shortfall there is an error: a local cluster does not grow.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import threading
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import ray
+
+from raymeta.errors import UserError
+
+__all__ = ["LOOPBACK", "check_resources", "connect", "joined_address", "progress_while_short"]
+
+LOOPBACK = "127.0.0.1"
+
+
+def joined_address(address: str | None) -> str | None:
+    """The cluster to join: `address`, else $RAY_ADDRESS; None means an embedded local cluster."""
+    return address or os.environ.get("RAY_ADDRESS") or None
+
+
+def connect(
+    address: str | None, *, dashboard: bool | None = None, log_to_driver: bool = True, num_cpus: int | None = None
+) -> bool:
+    """Initialise Ray in this process (once); returns whether it joined an existing cluster."""
+    target = joined_address(address)
+    if ray.is_initialized():
+        return target is not None
+    if target is not None:
+        try:
+            ray.init(address=target, log_to_driver=log_to_driver)
+        except ConnectionError as e:
+            raise UserError(f"{target}: cannot connect to a Ray cluster ({e})", key="address") from None
+        return True
+    # Ray turns token auth on for a new local cluster unless RAY_AUTH_MODE says otherwise; the token is
+    # this process's own (its Ray processes inherit it), not a file written into the user's home
+    if not os.environ.get("RAY_AUTH_TOKEN") and not os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    # ray.init turns a loopback node address into the host's reachable one, and Ray's servers bind to the
+    # node address; Ray keeps loopback only where it does not run clusters (macOS, Windows), a switch it
+    # reads when it picks the address. So the switch is off while this node starts (Ray is pinned).
+    from ray._private import ray_constants
+
+    clusters = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host=LOOPBACK, log_to_driver=log_to_driver)
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = clusters
+    return False
+
+
+def _shortfall(cpus: float, gpus: float) -> str | None:
+    have = ray.cluster_resources()
+    missing = [
+        f"{need:g} {name}s, but the Ray cluster has {have.get(name, 0.0):g}"
+        for name, need in (("CPU", cpus), ("GPU", gpus))
+        if need > have.get(name, 0.0) + 1e-9
+    ]
+    return "; ".join(missing) or None
+
+
+def check_resources(cpus: float, gpus: float, *, joined: bool, what: str) -> bool:
+    """Whether the cluster holds `cpus` and `gpus` now. On an embedded cluster a shortfall is a
+    `UserError` (the run would wait forever); on a joined cluster it is a warning: the autoscaler may
+    add nodes once the run's demand reaches it."""
+    short = _shortfall(cpus, gpus)
+    if short is None:
+        return True
+    if not joined:
+        raise UserError(f"{what} needs {short}: the run would wait forever; lower them (fractions allowed) or add nodes")
+    warnings.warn(f"{what} needs {short}; waiting for the cluster's autoscaler to add nodes", stacklevel=2)
+    return False
+
+
+@contextmanager
+def progress_while_short(cpus: float, gpus: float, every: float = 15.0) -> Iterator[None]:
+    """Around work that waits for resources: a progress line every `every` seconds until they are there."""
+    if _shortfall(cpus, gpus) is None:
+        yield
+        return
+    done = threading.Event()
+
+    def report() -> None:
+        began = time.monotonic()
+        while not done.wait(every):
+            missing = _shortfall(cpus, gpus)
+            if missing is None:
+                print(f"[raymeta] resources available after {time.monotonic() - began:.0f} s", flush=True)
+                return
+            print(f"[raymeta] waiting {time.monotonic() - began:.0f} s for {missing}", flush=True)
+
+    threading.Thread(target=report, name="raymeta-wait-for-resources", daemon=True).start()
+    try:
+        yield
+    finally:
+        done.set()
