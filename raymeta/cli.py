@@ -161,7 +161,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     final = train(cfg, resume=args.resume, progress=not args.quiet, root=args.home, address=args.address)
-    print(metrics_table(Path(cfg.run.out)))
+    print(metrics_table(cfg.run.out))
     print(f"final checkpoint: {final}  (evaluate it with: raymeta eval --model {final})")
     return 0
 

@@ -13,6 +13,7 @@ import torch
 
 from raymeta.errors import UserError
 from raymeta.paths import paths
+from raymeta.storage import is_uri, stage
 
 __all__ = ["BUILTIN", "resolve_model_dir", "load_model", "load_tokenizer"]
 
@@ -28,13 +29,13 @@ _DTYPES = {
 
 def resolve_model_dir(spec: str, root: Path | None = None) -> Path:
     """`builtin` -> the fetched SmolLM2 folder; a folder with config.json; or a checkpoint folder
-    holding a `model/` subfolder."""
+    holding a `model/` subfolder, local or on object storage (`s3://.../checkpoints/step-N`)."""
     if spec == BUILTIN:
         folder = paths(root).smollm2
         if not (folder / "config.json").is_file():
             raise UserError(f"builtin: SmolLM2 is not fetched yet ({folder}); run `raymeta fetch` first", key="model")
         return folder
-    folder = Path(spec).expanduser()
+    folder = stage(spec) if is_uri(spec) else Path(spec).expanduser()  # on object storage: a local copy
     if not folder.is_dir():
         raise UserError(f"{spec}: folder not found (expected 'builtin' or a Hugging Face model folder)", key="model")
     for candidate in (folder, folder / "model"):

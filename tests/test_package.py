@@ -17,6 +17,7 @@ LAYERS = {
     "raymeta.errors": 0,
     "raymeta.paths": 0,
     "raymeta.io": 0,
+    "raymeta.storage": 0,
     "raymeta.core": 1,
     "raymeta.data": 2,
     "raymeta.models": 2,

@@ -23,10 +23,11 @@ from raymeta.errors import UserError
 from raymeta.eval.icl import EvalConfig, LossCache, evaluate_setting
 from raymeta.models import load_model, load_tokenizer, resolve_model_dir
 from raymeta.paths import paths
-from raymeta.run.checkpoint import latest_checkpoint, read_state
+from raymeta.run.checkpoint import latest_step, local_checkpoint, read_state
 from raymeta.run.distributed import fit
 from raymeta.run.loop import Placement, StepHook, build_sampler, run_loop
 from raymeta.run.session import connect, joined_address
+from raymeta.storage import RunStore
 
 __all__ = ["evaluate", "train"]
 
@@ -41,36 +42,45 @@ def train(
     on_step: Callable[[dict[str, Any]], None] | None = None,
     callbacks: list[Any] | None = None,
     after_step: StepHook | None = None,
-) -> Path:
+) -> Path | str:
     """Run (or resume) meta-training, on Ray Train workers or (distributed=false) in this process;
-    returns the final checkpoint folder.
+    returns the final checkpoint (a local folder, or its URI when `out` is on object storage).
 
     `on_step(metrics)` runs in this process after each step (single-process runs only); `after_step(rank,
     metrics)` runs on every worker after each step and its checkpoint (it must pickle: a module-level
     function or object); `callbacks` are Ray Train callbacks (e.g. Tune's `TuneReportCallback`)."""
     cfg.validate()
-    out = Path(cfg.run.out).resolve()
-    latest = latest_checkpoint(out)
+    store = RunStore(cfg.run.out)
+    store.check_writable()  # unreachable or read-only storage: one line, before anything starts
+    latest = latest_step(store)
     if resume and latest is None:
-        raise UserError(f"no checkpoint in {out / 'checkpoints'}", key="resume")
+        raise UserError(f"no checkpoint in {store.uri('checkpoints')}", key="resume")
     if not resume and latest is not None:
         raise UserError(
             f"{cfg.run.out}: holds checkpoints of an earlier run; pass --resume to continue it or choose another out", key="out"
         )
-    if latest is not None and read_state(latest)["step"] >= cfg.run.steps:
-        return latest  # already finished: nothing to resume
+    if latest is not None and read_state(store, latest)["step"] >= cfg.run.steps:
+        return _final(store, store.uri(latest))  # already finished: nothing to resume
     if not cfg.placement.distributed or joined_address(address) is None:
         resolve_device(cfg.placement.device)  # CUDA asked for where there is none: one line, before anything starts
     if cfg.placement.distributed:
         # pre-flight on the driver: bad data, setting or model fail here in one line, not inside a Ray worker
         build_sampler(cfg, root)
-        resolve_model_dir(str(latest) if latest is not None else cfg.run.model, root)
-        return fit(cfg, out, latest, address=address, progress=progress, root=root, callbacks=callbacks, after_step=after_step)
+        resolve_model_dir(cfg.run.model, root)
+        final = fit(cfg, store, latest, address=address, progress=progress, root=root, callbacks=callbacks, after_step=after_step)
+        return _final(store, final)
     if cfg.placement.executor == "ray":  # tasks as Ray tasks from this process
         connect(address, log_to_driver=progress)
-    final = run_loop(cfg, Placement(out), resume_dir=latest, progress=progress, root=root, on_step=on_step, after_step=after_step)
-    assert final is not None
-    return final
+    resume_dir = local_checkpoint(store, latest) if latest is not None else None
+    done = run_loop(
+        cfg, Placement(store), resume_dir=resume_dir, progress=progress, root=root, on_step=on_step, after_step=after_step
+    )
+    assert done is not None
+    return _final(store, done)
+
+
+def _final(store: RunStore, location: str) -> Path | str:
+    return location if store.remote else Path(location)
 
 
 def evaluate(

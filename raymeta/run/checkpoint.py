@@ -4,13 +4,14 @@
     optimizer.safetensors    the outer optimizer's moments (m.NAME, v.NAME)
     state.json               step, optimizer step, sampler state, skipped steps, the config
 
-Written from the weights as they are after a meta-step, read back exactly (bit for bit on CPU).
+Written from the weights as they are after a meta-step, read back exactly (bit for bit on CPU). The
+run folder may be on object storage (`raymeta.storage.RunStore`): a checkpoint counts once its
+state.json, written last, is there.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,29 +20,53 @@ from safetensors.torch import load_file, save_file
 
 from raymeta.core.optim import AdamState
 from raymeta.io import atomic_write_json
+from raymeta.storage import RunStore, stage
 
-__all__ = ["latest_checkpoint", "load_optimizer", "prune_checkpoints", "read_state", "step_dirs", "write_checkpoint"]
+__all__ = [
+    "latest_checkpoint",
+    "latest_step",
+    "load_optimizer",
+    "local_checkpoint",
+    "prune_checkpoints",
+    "read_state",
+    "step_names",
+    "write_checkpoint",
+]
 
 
-def step_dirs(out: Path) -> list[Path]:
-    """A run's checkpoint folders (`checkpoints/step-NNNNNN`), oldest first."""
-    return sorted(p for p in (out / "checkpoints").glob("step-*") if p.is_dir() and p.name[5:].isdigit())
+def step_names(store: RunStore) -> list[str]:
+    """A run's checkpoint folders (`step-NNNNNN`), oldest first."""
+    return [name for name in store.subdirs("checkpoints") if name.startswith("step-") and name[5:].isdigit()]
 
 
-def latest_checkpoint(out: Path) -> Path | None:
-    """The newest checkpoint that has its state.json, if any."""
-    found = [p for p in step_dirs(out) if (p / "state.json").is_file()]
-    return found[-1] if found else None
+def latest_step(store: RunStore) -> str | None:
+    """The newest complete checkpoint (one that has its state.json), as `checkpoints/step-NNNNNN`."""
+    for name in reversed(step_names(store)):
+        if store.exists(f"checkpoints/{name}/state.json"):
+            return f"checkpoints/{name}"
+    return None
 
 
-def prune_checkpoints(out: Path, keep: int) -> None:
+def latest_checkpoint(out: str | Path) -> str | None:
+    """Where the newest complete checkpoint of the run folder `out` is (a path or a URI), if any."""
+    store = RunStore(out)
+    rel = latest_step(store)
+    return store.uri(rel) if rel is not None else None
+
+
+def local_checkpoint(store: RunStore, rel: str) -> Path:
+    """A checkpoint as a local folder: itself, or a staged copy of one on object storage."""
+    return store.local / rel if store.local is not None else stage(store.uri(rel), key=store.key)
+
+
+def prune_checkpoints(store: RunStore, keep: int) -> None:
     """Delete all but the newest `keep` checkpoints (by step) of a run; the newest is never deleted."""
-    for old in step_dirs(out)[: -max(keep, 1)]:
-        shutil.rmtree(old, ignore_errors=True)
+    for old in step_names(store)[: -max(keep, 1)]:
+        store.delete_dir(f"checkpoints/{old}")
 
 
-def read_state(checkpoint: Path) -> dict[str, Any]:
-    return json.loads((checkpoint / "state.json").read_text())
+def read_state(store: RunStore, rel: str) -> dict[str, Any]:
+    return json.loads(store.read_text(f"{rel}/state.json"))
 
 
 def write_checkpoint(

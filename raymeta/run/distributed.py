@@ -11,27 +11,30 @@ from the last one. `ray.init()` starts an embedded local cluster unless an addre
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 import ray
 import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
+from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from ray.util.metrics import Gauge
 
 from raymeta.config import TrainConfig, apply_overrides, to_dict
 from raymeta.core.meta import Accumulator, MetaLearner, host_values
 from raymeta.errors import UserError
-from raymeta.io import atomic_write_json
+from raymeta.run.checkpoint import local_checkpoint
 from raymeta.run.loop import Placement, StepHook, run_loop
 from raymeta.run.session import check_resources, connect, progress_while_short
+from raymeta.storage import RunStore
 
 __all__ = ["all_reduce", "fit"]
 
@@ -85,7 +88,7 @@ def _worker(config: dict[str, Any]) -> None:
     cfg = apply_overrides(TrainConfig(), config["cfg"], "config")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    out = Path(config["out"])
+    out = RunStore(config["out"])
     gauges = _gauges() if rank == 0 else {}
 
     def publish(record: dict[str, Any]) -> None:
@@ -93,7 +96,7 @@ def _worker(config: dict[str, Any]) -> None:
         if rank != 0:
             return
         for key, gauge in gauges.items():
-            gauge.set(float(record[key]), tags={"run": out.name})
+            gauge.set(float(record[key]), tags={"run": config["name"]})
         print(
             f"[raymeta] step {record['step']}/{cfg.run.steps} meta_loss {record['meta_loss']:.4f} support_loss "
             f"{record['support_loss']:.4f} grad_norm {record['grad_norm']:.3g} tokens/s {record['tokens_per_s']:.0f} "
@@ -102,32 +105,33 @@ def _worker(config: dict[str, Any]) -> None:
         )
 
     class RayPlacement(Placement):
-        def save(self, step: int, write: Any, record: dict[str, Any]) -> Path:
+        def save(self, step: int, write: Any, record: dict[str, Any]) -> str:
             name = f"step-{step:06d}"
-            if self.rank == 0:
+            if self.rank == 0:  # Ray Train stores it under storage_path (the run folder), local or object storage
                 with tempfile.TemporaryDirectory() as tmp:
                     write(Path(tmp))
                     ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
             else:
                 ray.train.report(record)
-            return out / "checkpoints" / name
+            return out.uri(f"checkpoints/{name}")
 
     shard = len(range(rank, cfg.tasks.tasks_per_step, world))
     node = ray.get_runtime_context().get_node_id()
-    atomic_write_json(
-        out / "placement" / f"rank-{rank}.json",
-        {
-            "rank": rank,
-            "world": world,
-            "node_id": node,
-            "hostname": socket.gethostname(),
-            "executor": cfg.placement.executor_for(shard),
-        },
-    )
+    where = {
+        "rank": rank,
+        "world": world,
+        "node_id": node,
+        "hostname": socket.gethostname(),
+        "executor": cfg.placement.executor_for(shard),
+    }
+    out.write_text(f"placement/rank-{rank}.json", json.dumps(where, indent=2) + "\n")
     resume_dir = None
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        resume_dir = Path(checkpoint.path)
+    if checkpoint is not None:  # Ray Train's own (after a restart, or a run Ray Train stored): a local folder
+        local = isinstance(checkpoint.filesystem, pafs.LocalFileSystem)
+        resume_dir = Path(checkpoint.path) if local else Path(checkpoint.to_directory())
+    elif config["resume"] is not None:  # the run folder's newest checkpoint, whoever wrote it
+        resume_dir = local_checkpoint(out, config["resume"])
     place = RayPlacement(out, rank, world, all_reduce if world > 1 else None, ray.train.report)
     root = Path(config["root"]) if config["root"] else None
     device = ray.train.torch.get_device()  # the worker's GPU under use_gpu, else the CPU
@@ -145,23 +149,32 @@ def _worker(config: dict[str, Any]) -> None:
 
 def fit(
     cfg: TrainConfig,
-    out: Path,
-    latest: Path | None,
+    out: RunStore,
+    latest: str | None,
     *,
     address: str | None,
     progress: bool,
     root: Path | None,
     callbacks: list[Any] | None = None,
     after_step: StepHook | None = None,
-) -> Path:
-    """Run meta-training as a Ray Train job; returns the final checkpoint folder."""
+) -> str:
+    """Run meta-training as a Ray Train job; returns where the final checkpoint is (a path or a URI).
+    `latest` is the checkpoint (`checkpoints/step-N` in `out`) to resume from."""
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")  # report latency: ~2 s otherwise
     joined = connect(address, log_to_driver=progress)
     place = cfg.placement
     what = "num_workers x (cpus_per_worker, use_gpu) + one Ray task (cpus_per_task, gpus_per_task)"
     check_resources(place.cpus_needed(), place.gpus_needed(), joined=joined, what=what)
     resources: dict[str, float] = {"CPU": place.cpus_per_worker}
-    config = {"cfg": to_dict(cfg), "out": str(out), "root": str(root) if root else None, "after_step": after_step}
+    name = Path(out.location.rstrip("/")).name
+    config = {
+        "cfg": to_dict(cfg),
+        "out": out.location,
+        "name": name,
+        "root": str(root) if root else None,
+        "after_step": after_step,
+        "resume": latest,
+    }
     trainer = TorchTrainer(
         _worker,
         train_loop_config=config,
@@ -173,16 +186,15 @@ def fit(
         ),
         run_config=RunConfig(
             name="checkpoints",
-            storage_path=str(out),
+            storage_path=out.uri(),  # Ray Train's storage: a local folder or a pyarrow URI (s3://, gs://)
             failure_config=FailureConfig(max_failures=place.max_failures),
             callbacks=callbacks,
         ),
-        resume_from_checkpoint=Checkpoint(str(latest)) if latest is not None else None,
     )
     with progress_while_short(place.cpus_needed(), place.gpus_needed()):
         result = trainer.fit()
     if result.error is not None:
         raise result.error
     if result.checkpoint is None:
-        raise UserError(f"out={out}: the run finished without a checkpoint")
-    return Path(result.checkpoint.path)
+        raise UserError(f"{out}: the run finished without a checkpoint", key="out")
+    return out.uri(f"checkpoints/{Path(result.checkpoint.path).name}")

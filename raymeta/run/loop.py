@@ -1,6 +1,6 @@
 """The meta-training loop, shared by one process and every Ray Train worker: sample, step, log, checkpoint.
 
-Layout of a run folder (`out`):
+Layout of a run folder (`out`: a local folder, or object storage such as `s3://bucket/run`):
 
     config.yaml              the resolved config
     metrics.jsonl            one line per meta-step
@@ -31,11 +31,11 @@ from raymeta.core.meta import Accumulator, MetaLearner, TaskBatch
 from raymeta.data import open_data
 from raymeta.data.prompts import PromptBuilder, PromptFormat, make_batch
 from raymeta.data.sampler import MetaBatchSampler, TaskSample
-from raymeta.io import atomic_dir, atomic_write_json, atomic_write_text
 from raymeta.models import load_model, load_tokenizer, resolve_model_dir
-from raymeta.run.checkpoint import load_optimizer, prune_checkpoints, read_state, write_checkpoint
+from raymeta.run.checkpoint import load_optimizer, prune_checkpoints, write_checkpoint
 from raymeta.run.executor import make_executor
 from raymeta.run.validation import HeldOut, held_out_data, held_out_tasks, validate
+from raymeta.storage import RunStore
 
 __all__ = ["Placement", "StepHook", "build_sampler", "run_loop"]
 
@@ -59,20 +59,20 @@ Writer = Callable[[Path], None]
 
 @dataclass
 class Placement:
-    """Where the loop runs: rank and world size, how accumulators are summed across workers, how a
-    checkpoint is stored and how metrics are reported. The defaults are one process, no Ray."""
+    """Where the loop runs: the run folder (local or object storage), rank and world size, how
+    accumulators are summed across workers, how a checkpoint is stored and how metrics are reported.
+    The defaults are one process, no Ray."""
 
-    out: Path
+    out: RunStore
     rank: int = 0
     world: int = 1
     reduce: Callable[[Accumulator, MetaLearner], Accumulator] | None = None
     report: Callable[[dict[str, Any]], None] | None = None
 
-    def save(self, step: int, write: Writer, record: dict[str, Any]) -> Path:
-        path = self.out / "checkpoints" / f"step-{step:06d}"
-        with atomic_dir(path) as tmp:
-            write(tmp)
-        return path
+    def save(self, step: int, write: Writer, record: dict[str, Any]) -> str:
+        rel = f"checkpoints/step-{step:06d}"
+        self.out.put_dir(rel, write)
+        return self.out.uri(rel)
 
 
 def build_sampler(cfg: TrainConfig, root: Path | None) -> tuple[MetaBatchSampler, HeldOut | None]:
@@ -104,7 +104,7 @@ def run_loop(
     device: torch.device | None = None,
     on_step: Callable[[dict[str, Any]], None] | None = None,
     after_step: StepHook | None = None,
-) -> Path | None:
+) -> str | None:
     """The meta-training loop shared by one process and every Ray Train worker; everything of a step
     lives on `device` (default: the config's `device`)."""
     run = cfg.run
@@ -118,7 +118,7 @@ def run_loop(
     learner = MetaLearner(model, cfg.meta)
     start = 0
     if resume_dir is not None:
-        state = read_state(resume_dir)
+        state = json.loads((resume_dir / "state.json").read_text())
         start = state["step"]
         sampler.load_state(state["sampler"])
         learner.skipped = state["skipped"]
@@ -128,23 +128,24 @@ def run_loop(
     executor = make_executor(cfg.placement.executor_for(shard), str(resolve_model_dir(model_spec, root)), cfg)
 
     lead = place.rank == 0
-    metrics_path = place.out / "metrics.jsonl"
+    store = place.out
+    logged: list[str] = []  # metrics.jsonl, one line per step
     if lead:
-        place.out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(place.out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        kept = []
-        if metrics_path.is_file():
-            kept = [line for line in metrics_path.read_text().splitlines() if line and json.loads(line)["step"] <= start]
-        atomic_write_text(metrics_path, "".join(line + "\n" for line in kept))
+        store.write_text("config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        if store.exists("metrics.jsonl"):
+            lines = store.read_text("metrics.jsonl").splitlines()
+            logged = [line + "\n" for line in lines if line and json.loads(line)["step"] <= start]
+        store.write_text("metrics.jsonl", "".join(logged))
         if held is not None:
-            atomic_write_json(place.out / "validation.json", {"tasks": list(held.setting.test), "seeds": list(held.seeds)})
+            validation = {"tasks": list(held.setting.test), "seeds": list(held.seeds)}
+            store.write_text("validation.json", json.dumps(validation, indent=2) + "\n")
 
     t = cfg.tasks
     builder = PromptBuilder(tokenizer, PromptFormat(t.variant, t.max_length_per_example, t.max_length))  # type: ignore[arg-type]
     bar = tqdm(
         total=run.steps, initial=start, desc=f"{cfg.meta.method} meta-training", unit="step", disable=not (progress and lead)
     )
-    final = resume_dir
+    final: str | None = str(resume_dir) if resume_dir is not None else None
     for step in range(start + 1, run.steps + 1):
         mine = sampler.sample()[place.rank :: place.world]  # every worker draws the same global batch
         began = time.perf_counter()
@@ -171,8 +172,8 @@ def run_loop(
         if held is not None and validating and lead:
             record.update(validate(model, tokenizer, held, cfg))
         if lead:
-            with metrics_path.open("a") as log:
-                log.write(json.dumps(record) + "\n")
+            logged.append(json.dumps(record) + "\n")
+            store.append_line("metrics.jsonl", logged[-1], "".join(logged))
         if on_step is not None:
             on_step(record)
         bar.update(1)
@@ -193,7 +194,7 @@ def run_loop(
 
             final = place.save(step, write, record)
             if lead and run.keep_checkpoints:
-                prune_checkpoints(place.out, run.keep_checkpoints)
+                prune_checkpoints(store, run.keep_checkpoints)
         elif place.report is not None and (step % run.log_every == 0 or validating):
             place.report(record)
         if after_step is not None:

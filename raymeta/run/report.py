@@ -6,6 +6,8 @@ import json
 import math
 from pathlib import Path
 
+from raymeta.storage import RunStore
+
 __all__ = ["metrics_table"]
 
 _COLUMNS = (
@@ -25,10 +27,12 @@ def _cell(value: object, fmt: str) -> str:
     return fmt.format(value)
 
 
-def metrics_table(out: Path, max_rows: int = 12) -> str:
-    """The rows of `out/metrics.jsonl` (at most `max_rows`, evenly spaced, first and last kept)."""
-    path = out / "metrics.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+def metrics_table(out: str | Path, max_rows: int = 12) -> str:
+    """The rows of `out/metrics.jsonl` (at most `max_rows`, evenly spaced, first and last kept); `out`
+    is a run folder, local or on object storage."""
+    store = RunStore(out)
+    text = store.read_text("metrics.jsonl") if store.exists("metrics.jsonl") else ""
+    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
     if not rows:
         return ""
     if len(rows) > max_rows:

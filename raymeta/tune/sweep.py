@@ -14,6 +14,7 @@ from typing import Any
 from raymeta.config import TrainConfig, apply_overrides, set_key, to_dict
 from raymeta.errors import UserError
 from raymeta.io import read_yaml
+from raymeta.storage import is_uri
 from raymeta.tune.space import Param, number, parse_space
 
 __all__ = ["METRICS", "SEARCHES", "Sweep", "load_sweep", "trial_config"]
@@ -150,7 +151,10 @@ def load_sweep(path: Path, *, num_samples: int | None = None, out: Path | None =
         size = math.prod(len(p.args) for p in space)
         if num_samples is None and "num_samples" not in raw:
             counts["num_samples"] = size
-    sweep_out = out or Path(str(raw.get("out", f"runs/tune/{name}")))
+    where_to = str(out or raw.get("out", f"runs/tune/{name}"))
+    if is_uri(where_to):  # the Optuna study is a SQLite file and the trial table is rewritten in place
+        raise UserError(f"{path}: out: a sweep's folder must be local or on NFS, got {where_to!r} (object storage: train runs)")
+    sweep_out = Path(where_to)
     return Sweep(
         path=path,
         name=name,
