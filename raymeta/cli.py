@@ -177,6 +177,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     summary = run_sweep(sweep, resume=args.resume, address=args.address, root=args.home, verbose=0 if args.quiet else 1)
     print(json.dumps(summary, indent=2))
     print(f"trials: {sweep.out / 'trials.csv'}  plots: {sweep.out}/{{objective,importance,parallel}}.png")
+    if sweep.remote:
+        print(f"(a local copy of {sweep.remote}: the trials' runs and the experiment state are there)")
     if summary["best"] is not None:
         print(f"best config: {sweep.out / 'best_config.yaml'}  (run it with: raymeta train {sweep.out / 'best_config.yaml'})")
     return 0

@@ -56,7 +56,7 @@ def _walk(node: Any, where: str = "") -> list[tuple[str, str, Any]]:
 
 
 def _ray_checks(config: dict[str, Any], report: Report) -> dict[str, Any] | None:
-    import logging
+    import logging  # deferred with the two below: Ray's autoscaler modules load only to check a file
 
     import jsonschema
     from ray.autoscaler._private.util import prepare_config, translate_trivial_legacy_config, validate_config

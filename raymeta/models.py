@@ -52,7 +52,7 @@ def load_model(
     attn_implementation: str | None = None,
     root: Path | None = None,
 ) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # deferred: transformers loads only to load a model
 
     if dtype not in _DTYPES:
         raise UserError(f"expected one of {', '.join(_DTYPES)}, got {dtype!r}", key="dtype")
@@ -69,7 +69,7 @@ def load_model(
 
 
 def load_tokenizer(spec: str, root: Path | None = None) -> Any:
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # deferred, as above
 
     folder = resolve_model_dir(spec, root)
     for candidate in (folder, folder.parent):

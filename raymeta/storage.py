@@ -25,7 +25,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 
 from raymeta.errors import UserError
-from raymeta.io import atomic_dir, atomic_write_text
+from raymeta.io import atomic_dir, atomic_write_bytes, atomic_write_text
 from raymeta.paths import paths
 
 __all__ = ["RunStore", "is_uri", "stage"]
@@ -96,6 +96,17 @@ class RunStore:
     # --- files -------------------------------------------------------------------------------------
     def exists(self, rel: str) -> bool:
         return self.fs.get_file_info(self._path(rel)).type != pafs.FileType.NotFound
+
+    def read_bytes(self, rel: str) -> bytes:
+        with self.fs.open_input_stream(self._path(rel)) as f:
+            return f.read()
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        if self.local is not None:
+            atomic_write_bytes(self.local / rel, data)
+            return
+        with self.fs.open_output_stream(self._path(rel)) as f:
+            f.write(data)
 
     def read_text(self, rel: str) -> str:
         if self.local is not None:

@@ -120,5 +120,5 @@ def test_bad_setup_fails_on_the_driver_in_one_line_before_ray_starts(tiny_folder
 def test_too_few_cpus_for_workers_and_tasks_is_refused(ray_local, tiny_folder):
     from raymeta.errors import UserError
 
-    with pytest.raises(UserError, match="= 2.5 CPUs, but the Ray cluster has 2: the run would wait forever"):
+    with pytest.raises(UserError, match="needs 2.5 CPUs, but the Ray cluster has 2: the run would wait forever"):
         train(_cfg(tiny_folder, "greedy", "num_workers=2", "cpus_per_worker=1", "executor=ray"), progress=False)

@@ -76,8 +76,8 @@ def _objects(prefix: str) -> list[str]:
     import boto3
 
     s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
-    listed = s3.list_objects_v2(Bucket="runs", Prefix=prefix)
-    return sorted(o["Key"][len(prefix) :] for o in listed.get("Contents", []))
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket="runs", Prefix=prefix)
+    return sorted(o["Key"][len(prefix) :] for page in pages for o in page.get("Contents", []))
 
 
 def test_a_run_writes_its_folder_to_s3_resumes_from_there_and_evaluates_from_there(
@@ -148,3 +148,47 @@ def test_unreachable_or_missing_storage_is_one_line_before_anything(s3_server, t
     assert err.startswith("raymeta: error: out: s3://unreachable-bucket/x: cannot") and err.count("\n") == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]  # no local `s3:` folder, nothing written
     assert not Path("s3:").exists()
+
+
+def test_a_sweep_on_s3_keeps_its_trials_and_experiment_there(s3_server, tmp_path, gpt2_tokenizer, monkeypatch):
+    import yaml
+
+    from raymeta.storage import RunStore
+    from raymeta.tune import load_sweep, run_sweep
+    from tests.conftest import local_ray
+
+    monkeypatch.setenv("RAYMETA_HOME", str(tmp_path / "home"))  # the sweep's local staging folder
+    tiny_gpt2().save_pretrained(tmp_path / "model")
+    gpt2_tokenizer.save_pretrained(tmp_path / "model")
+    make_data_dir(tmp_path / "data", k=4, n_train=4)
+    spec = {
+        "name": "s3sweep",
+        "config": {
+            **{"model": str(tmp_path / "model"), "data": str(tmp_path / "data"), "setting": "toy", "k": 2},
+            **{"tasks_per_step": 2, "max_length": 256, "steps": 2},
+            "validation": {"tasks": 1, "every": 1, "k": 2, "test_examples": 6},
+        },
+        "metric": "val_loss",
+        "num_samples": 2,
+        "scheduler": {"type": "none"},
+        "resources": {"num_workers": 1, "cpus_per_worker": 0.5, "executor": "local"},
+        "space": {"outer.lr": {"loguniform": [1.0e-4, 0.3]}},
+        "out": "s3://runs/sweep",
+    }
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    monkeypatch.chdir(tmp_path)
+    sweep = load_sweep(path)
+    with local_ray(dashboard=True):
+        summary = run_sweep(sweep, verbose=0)
+    assert summary["completed"] == 2
+    stored = _objects("sweep/")
+    assert {"trials.csv", "best_config.yaml", "study.db", "objective.png"} <= set(stored), stored
+    assert any(k.startswith("experiment/") for k in stored)
+    trials = {k.split("/")[1] for k in stored if k.startswith("trials/") and k.split("/")[1]}
+    assert len(trials) == 2
+    for trial in trials:
+        store = RunStore(f"s3://runs/sweep/trials/{trial}")
+        assert [json.loads(x)["step"] for x in store.read_text("metrics.jsonl").splitlines()] == [1, 2]
+        assert store.exists("checkpoints/step-000002/state.json") and store.exists("starts.log")
+    assert not any(p.name.startswith("s3") for p in tmp_path.iterdir())

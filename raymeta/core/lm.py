@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from raymeta.errors import UserError
 
@@ -87,8 +88,6 @@ class FunctionalLM:
     def attention(self) -> Iterator[None]:
         """SDPA restricted to the math backend: the flash/efficient kernels have no double backward."""
         if self.math_attention:
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-
             with sdpa_kernel([SDPBackend.MATH]):
                 yield
         else:

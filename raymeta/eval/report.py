@@ -10,7 +10,7 @@ __all__ = ["comparison_table", "markdown_table", "plot_results"]
 
 
 def plot_results(results: dict[str, Any], path: Path) -> None:
-    import matplotlib
+    import matplotlib  # deferred: matplotlib loads only to draw
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -19,6 +19,7 @@ import yaml
 
 from raymeta.config import to_dict
 from raymeta.io import atomic_write_bytes, atomic_write_text
+from raymeta.storage import RunStore
 from raymeta.tune.space import Param, encode
 from raymeta.tune.sweep import Sweep, trial_config
 
@@ -208,4 +209,9 @@ def write_outputs(sweep: Sweep, results: Any) -> dict[str, Any]:
         atomic_write_text(sweep.out / "best_config.yaml", header + yaml.safe_dump(to_dict(cfg), sort_keys=False))
         summary["best"] = {"trial_id": best.trial_id, sweep.metric: best.value, "params": best.params}
     _plots(sweep, rows)
+    if sweep.remote:  # the files the sweep wrote in its staging folder go to the sweep's place on object storage
+        store = RunStore(sweep.remote)
+        for name in ("trials.csv", "best_config.yaml", "study.db", "objective.png", "importance.png", "parallel.png"):
+            if (sweep.out / name).is_file():
+                store.write_bytes(name, (sweep.out / name).read_bytes())
     return summary

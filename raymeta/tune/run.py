@@ -24,6 +24,7 @@ from raymeta.run.api import train
 from raymeta.run.checkpoint import latest_checkpoint
 from raymeta.run.loop import build_sampler
 from raymeta.run.session import check_resources, connect, progress_while_short
+from raymeta.storage import RunStore
 from raymeta.tune.report import write_outputs
 from raymeta.tune.space import encode
 from raymeta.tune.sweep import Sweep, trial_config
@@ -34,12 +35,15 @@ __all__ = ["run_sweep"]
 def _trial(params: dict[str, Any], sweep: Sweep, root: str | None) -> None:
     """One Tune trial: a meta-training run on Ray Train, resumed from its own checkpoint if it has one."""
     trial_id = ray.tune.get_context().get_trial_id()
-    out = sweep.out / "trials" / trial_id
+    out = sweep.trial_out(trial_id)
     cfg = trial_config(sweep, params, out)
     cfg.validate(f"trial {trial_id}")
-    out.mkdir(parents=True, exist_ok=True)
-    with (out / "starts.log").open("a") as f:  # one line each time this trial's function starts
-        f.write(f"{time.time():.3f}\n")
+    store = RunStore(out)
+    if store.local is not None:
+        store.local.mkdir(parents=True, exist_ok=True)
+    starts = store.read_text("starts.log") if store.exists("starts.log") else ""
+    line = f"{time.time():.3f}\n"  # one line each time this trial's function starts
+    store.append_line("starts.log", line, starts + line)
     latest = latest_checkpoint(out)
     train(cfg, resume=latest is not None, progress=False, root=Path(root) if root else None, callbacks=[TuneReportCallback()])
     _wait_for_reports_to_reach_tune()
@@ -111,11 +115,12 @@ def run_sweep(
     sweep: Sweep, *, resume: bool = False, address: str | None = None, root: Path | None = None, verbose: int = 1
 ) -> dict[str, Any]:
     """Run (or resume) a sweep; returns a summary (also written as the run folder's files)."""
-    experiment = sweep.out / "experiment"
-    if resume and not (experiment / "tuner.pkl").is_file():
-        raise UserError(f"no sweep to resume in {sweep.out} (no {experiment / 'tuner.pkl'})", key="resume")
-    if not resume and experiment.exists():
-        raise UserError(f"{sweep.out}: holds an earlier sweep; pass --resume to finish it, or set --out to a new folder")
+    store = RunStore(sweep.location)
+    store.check_writable()
+    if resume and not store.exists("experiment/tuner.pkl"):
+        raise UserError(f"no sweep to resume in {sweep.location} (no {store.uri('experiment/tuner.pkl')})", key="resume")
+    if not resume and store.exists("experiment"):
+        raise UserError(f"{sweep.location}: holds an earlier sweep; pass --resume to finish it, or set --out to a new folder")
     build_sampler(sweep.config, root)  # pre-flight on the driver: data, setting and held-out tasks fail here in one line
     resolve_model_dir(sweep.config.run.model, root)
 
@@ -128,12 +133,14 @@ def run_sweep(
     check_resources(need_cpus, need_gpus, joined=joined, what=f"{sweep.path}: resources: a trial")
     _check_concurrency(sweep, need_cpus, joined)
     sweep.out.mkdir(parents=True, exist_ok=True)
+    if sweep.remote and store.exists("study.db"):  # resuming a remote sweep: its study, back in the staging folder
+        (sweep.out / "study.db").write_bytes(store.read_bytes("study.db"))
 
     # Tune refuses an all-zero request: a trial that holds no CPU asks for 1 MiB of memory instead
     request: dict[str, float] = {"cpu": sweep.trial_cpus} if sweep.trial_cpus > 0 else {"cpu": 0.0, "memory": float(1 << 20)}
     trainable = tune.with_resources(tune.with_parameters(_trial, sweep=sweep, root=str(root) if root else None), request)
     if resume:
-        tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_unfinished=True, resume_errored=True)
+        tuner = tune.Tuner.restore(store.uri("experiment"), trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
         storage = optuna.storages.RDBStorage(f"sqlite:///{sweep.out / 'study.db'}")
         sampler: optuna.samplers.BaseSampler
@@ -161,7 +168,7 @@ def run_sweep(
                 metric=sweep.metric,
                 mode=sweep.mode,
             ),
-            run_config=tune.RunConfig(name="experiment", storage_path=str(sweep.out), verbose=verbose),
+            run_config=tune.RunConfig(name="experiment", storage_path=sweep.location, verbose=verbose),
         )
     with progress_while_short(need_cpus, need_gpus):
         results = tuner.fit()

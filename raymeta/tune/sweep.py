@@ -6,6 +6,7 @@ Every problem is one line naming the key; nothing starts before the whole file i
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 from raymeta.config import TrainConfig, apply_overrides, set_key, to_dict
 from raymeta.errors import UserError
 from raymeta.io import read_yaml
+from raymeta.paths import paths
 from raymeta.storage import is_uri
 from raymeta.tune.space import Param, number, parse_space
 
@@ -53,8 +55,17 @@ class Sweep:
     search: str
     trial_cpus: float
     space: list[Param]
-    out: Path
+    out: Path  # the sweep's files (study.db, trials.csv, plots); for a remote sweep, a local staging copy
     config: TrainConfig = field(default_factory=TrainConfig)
+    remote: str | None = None  # object storage for Tune's experiment state, the trials' run folders and the files
+
+    @property
+    def location(self) -> str:
+        """Where the sweep lives, as the user wrote it: a local folder or a URI."""
+        return self.remote or str(self.out)
+
+    def trial_out(self, trial_id: str) -> str:
+        return f"{self.remote.rstrip('/')}/trials/{trial_id}" if self.remote else str(self.out / "trials" / trial_id)
 
     def max_reports(self) -> int:
         """How many times a trial reports (ASHA's max_t): once per validation step."""
@@ -152,9 +163,9 @@ def load_sweep(path: Path, *, num_samples: int | None = None, out: Path | None =
         if num_samples is None and "num_samples" not in raw:
             counts["num_samples"] = size
     where_to = str(out or raw.get("out", f"runs/tune/{name}"))
-    if is_uri(where_to):  # the Optuna study is a SQLite file and the trial table is rewritten in place
-        raise UserError(f"{path}: out: a sweep's folder must be local or on NFS, got {where_to!r} (object storage: train runs)")
-    sweep_out = Path(where_to)
+    remote = where_to if is_uri(where_to) else None
+    # a remote sweep keeps its SQLite study and tables in a local staging folder, uploaded as they change
+    sweep_out = paths().root / "sweeps" / hashlib.sha256(where_to.encode()).hexdigest()[:16] if remote else Path(where_to)
     return Sweep(
         path=path,
         name=name,
@@ -169,11 +180,12 @@ def load_sweep(path: Path, *, num_samples: int | None = None, out: Path | None =
         trial_cpus=trial_cpus,
         space=space,
         out=sweep_out.resolve(),
+        remote=remote,
         config=cfg,
     )
 
 
-def trial_config(sweep: Sweep, params: dict[str, Any], out: Path) -> TrainConfig:
+def trial_config(sweep: Sweep, params: dict[str, Any], out: str | Path) -> TrainConfig:
     """The full config of one trial: base and fixed keys, the sampled values, and its run folder.
 
     Reports happen at validation steps only (checkpoint_every = validation.every), so every result
