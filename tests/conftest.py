@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -84,6 +86,32 @@ def local_ray(*, dashboard: bool):
         yield ray
     finally:
         ray.shutdown()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float, what: str) -> None:
+    """Until something listens on 127.0.0.1:`port`; fails the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.5)
+    pytest.fail(f"{what} did not start")
+
+
+def tiny_run_folder(root: Path, tokenizer, n_train: int = 2) -> Path:
+    """`root/model` (a tiny GPT-2 with the GPT-2 tokenizer) and `root/data` (the `toy` setting, k=4)."""
+    tiny_gpt2().save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    make_data_dir(root / "data", k=4, n_train=n_train)
+    return root
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:

@@ -12,7 +12,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,7 +24,7 @@ import pytest
 import yaml
 
 from raymeta.cluster import check_cluster_file
-from tests.conftest import make_data_dir, tiny_gpt2
+from tests.conftest import free_port, make_data_dir, tiny_gpt2
 
 ROOT = Path(__file__).resolve().parent.parent
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -92,12 +91,6 @@ def test_cluster_check_cli_exit_codes(tmp_path):
     assert len(errors) == 1 and "--dashboard-host=0.0.0.0" in errors[0]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _get(url: str, token: str | None) -> tuple[int, str]:
     request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
     try:
@@ -115,7 +108,7 @@ def test_token_auth_head_runs_a_submitted_job_and_shows_its_metrics(tmp_path, gp
     temp_dir = Path(tempfile.mkdtemp(prefix="rmc", dir="/tmp"))  # short: Ray's socket paths have a length limit
     token_file = temp_dir / "auth_token"
     token_file.write_text(token)
-    gcs, dash, metrics = _free_port(), _free_port(), _free_port()
+    gcs, dash, metrics = free_port(), free_port(), free_port()
     env = {
         **os.environ,
         "RAY_AUTH_MODE": "token",

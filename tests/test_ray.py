@@ -14,7 +14,7 @@ from raymeta.config import load_config
 from raymeta.core.meta import MetaLearner, TaskBatch
 from raymeta.run.api import train
 from raymeta.run.executor import LocalExecutor, RayExecutor
-from tests.conftest import CrashOnce, local_ray, make_data_dir, tiny_gpt2, tiny_train_overrides
+from tests.conftest import CrashOnce, local_ray, tiny_run_folder, tiny_train_overrides
 from tests.test_meta import _batch
 
 
@@ -26,11 +26,7 @@ def ray_local():
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory, gpt2_tokenizer):
-    root = tmp_path_factory.mktemp("tiny")
-    tiny_gpt2().save_pretrained(root / "model")
-    gpt2_tokenizer.save_pretrained(root / "model")
-    make_data_dir(root / "data", k=4)
-    return root
+    return tiny_run_folder(tmp_path_factory.mktemp("tiny"), gpt2_tokenizer)
 
 
 def _cfg(root, out: str, *extra: str):

@@ -13,13 +13,14 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import psutil
 import pytest
+
+from tests.conftest import free_port, tiny_run_folder, tiny_train_overrides, wait_for_port
 
 RAY = str(Path(sys.executable).with_name("ray"))
 RAYMETA = str(Path(sys.executable).with_name("raymeta"))
@@ -90,19 +91,13 @@ def test_a_resource_shortfall_fails_fast_on_an_embedded_cluster_and_warns_on_a_j
         ray.shutdown()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture()
 def autoscaling_head(tmp_path):
     """A Ray head with 0 CPUs and Ray's fake multi-node autoscaler: one worker type of 2 CPUs, min 0, max 1.
 
     Started with its own temp folder, ports and token; stopped by killing the processes it started
     (never `ray stop`, which would stop every Ray of this user)."""
-    port = _free_port()
+    port = free_port()
     config = {
         "cluster_name": "raymeta-autoscaling-test",
         "max_workers": 1,
@@ -160,14 +155,7 @@ def autoscaling_head(tmp_path):
         stderr=subprocess.STDOUT,
     )
     try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            time.sleep(1)
-        else:
-            pytest.fail("the Ray head did not start: " + (tmp_path / "head.log").read_text()[-2000:])
+        wait_for_port(port, 90, "the Ray head")
         yield f"127.0.0.1:{port}", env
     finally:
         tree = [head, *psutil.Process(head.pid).children(recursive=True)] if head.poll() is None else []
@@ -186,13 +174,9 @@ def autoscaling_head(tmp_path):
 def test_training_on_a_cluster_with_no_cpu_makes_the_autoscaler_add_a_node_and_finishes(
     autoscaling_head, tmp_path, gpt2_tokenizer
 ):
-    from tests.conftest import make_data_dir, tiny_gpt2, tiny_train_overrides
-
     address, env = autoscaling_head
-    model_dir = tmp_path / "model"
-    tiny_gpt2().save_pretrained(model_dir)
-    gpt2_tokenizer.save_pretrained(model_dir)
-    data = make_data_dir(tmp_path / "data", k=4)
+    tiny_run_folder(tmp_path, gpt2_tokenizer)
+    model_dir, data = tmp_path / "model", tmp_path / "data"
     out = tmp_path / "run"
     overrides = tiny_train_overrides(model_dir, data, out, "steps=2", "num_workers=1", "cpus_per_worker=1", "executor=local")
     config = tmp_path / "train.yaml"

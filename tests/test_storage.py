@@ -8,30 +8,22 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from raymeta.cli import main
-from tests.conftest import make_data_dir, tiny_gpt2, tiny_train_overrides
+from tests.conftest import free_port, tiny_run_folder, tiny_train_overrides, wait_for_port
 
 AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def s3_server():
     """moto's S3 server on a free loopback port; the AWS variables point at it for this module."""
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
@@ -41,14 +33,7 @@ def s3_server():
     saved = {k: os.environ.get(k) for k in [*AWS, "AWS_ENDPOINT_URL"]}
     os.environ.update({**AWS, "AWS_ENDPOINT_URL": endpoint})
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            time.sleep(0.5)
-        else:
-            pytest.fail("moto's S3 server did not start")
+        wait_for_port(port, 60, "moto's S3 server")
         import boto3
 
         boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="runs")
@@ -65,11 +50,7 @@ def s3_server():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, gpt2_tokenizer):
-    root = tmp_path_factory.mktemp("tiny-s3")
-    tiny_gpt2().save_pretrained(root / "model")
-    gpt2_tokenizer.save_pretrained(root / "model")
-    make_data_dir(root / "data", k=4)
-    return root
+    return tiny_run_folder(tmp_path_factory.mktemp("tiny-s3"), gpt2_tokenizer)
 
 
 def _objects(prefix: str) -> list[str]:
@@ -158,9 +139,7 @@ def test_a_sweep_on_s3_keeps_its_trials_and_experiment_there(s3_server, tmp_path
     from tests.conftest import local_ray
 
     monkeypatch.setenv("RAYMETA_HOME", str(tmp_path / "home"))  # the sweep's local staging folder
-    tiny_gpt2().save_pretrained(tmp_path / "model")
-    gpt2_tokenizer.save_pretrained(tmp_path / "model")
-    make_data_dir(tmp_path / "data", k=4, n_train=4)
+    tiny_run_folder(tmp_path, gpt2_tokenizer, n_train=4)
     spec = {
         "name": "s3sweep",
         "config": {
