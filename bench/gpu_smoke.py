@@ -113,7 +113,7 @@ def _train(work: Path, name: str, *overrides: str) -> dict[str, Any]:
     }
 
 
-def _evaluate(work: Path) -> dict[str, Any]:
+def _evaluate() -> dict[str, Any]:
     from raymeta.run.api import evaluate
 
     options = dict(k=4, seeds=(100,), variants=("direct",), modes=("icl",), max_test_examples=5, cache=False)
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             lambda: _train(work, "ray-tasks", "steps=2", "distributed=false", "device=cuda", "executor=ray", "gpus_per_task=0.5"),
             record,
         )
-        _part("evaluate", lambda: _evaluate(work), record)
+        _part("evaluate", _evaluate, record)
     record["all_ok"] = all(part.get("ok") for part in record.values() if isinstance(part, dict) and "ok" in part)
     atomic_write_json(args.out, record)
     print(json.dumps({k: v for k, v in record.items() if k != "environment"}, indent=2, default=str)[:6000])

@@ -6,7 +6,7 @@ The public API (loaded on first use, so that `import raymeta` and the command li
 
     cfg = raymeta.load_config("configs/tiny.yaml", ["steps=4"])    # a TrainConfig
     final = raymeta.train(cfg)                                      # meta-train; the final checkpoint
-    results = raymeta.evaluate(str(final), setting="toy", data="examples/toy-data", k=2)
+    results = raymeta.evaluate(str(final), k=4, variants=("direct",), modes=("icl",), max_test_examples=10)
 
     # or, on your own model and batches (any Hugging Face causal LM):
     learner = raymeta.MetaLearner(model, raymeta.MetaConfig(method="maml_en_llm"))

@@ -4,7 +4,7 @@ import raymeta
 
 cfg = raymeta.load_config("configs/tiny.yaml", ["steps=4"])
 final = raymeta.train(cfg)                       # the final checkpoint folder
-results = raymeta.evaluate(str(final), setting="toy", data="examples/toy-data", k=2, seeds=(100,))
+results = raymeta.evaluate(str(final), k=4, variants=("direct",), modes=("icl",), max_test_examples=10)
 print(results["runs"]["direct/icl"]["all"]["mean"])
 """
 

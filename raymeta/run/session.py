@@ -3,9 +3,9 @@
 - `--address` / `RAY_ADDRESS`: join that cluster, as it is (its own auth settings apply). A resource
   shortfall there is a warning: the autoscaler may add nodes once the run's demand reaches it, so the
   run waits, printing what it waits for.
-- otherwise: an embedded local cluster. Every Ray server binds to 127.0.0.1 (`_node_ip_address`;
-  Ray binds its gRPC servers to the node address) and the dashboard to loopback, and it runs with
-  Ray's token auth and a random token of this process, so no other user or host can join it or
+- otherwise: an embedded local cluster. Its node address is kept on loopback, and Ray binds its
+  servers to the node address, so every one of them (the dashboard too) listens on 127.0.0.1; it runs
+  with Ray's token auth and a random token of this process, so no other user or host can join it or
   submit work. A shortfall there is an error: a local cluster does not grow.
 """
 
