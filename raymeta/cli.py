@@ -129,7 +129,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     tokenizer = load_tokenizer(args.model, args.home)
-    model = load_model(args.model, dtype=args.dtype, device=device, root=args.home)
+    model = load_model(args.model, dtype=args.dtype, device=device, root=args.home, base_model=args.base_model, merge=args.merge)
     out = args.out or Path("runs") / f"eval-{setting.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     cache = None if args.no_cache else LossCache(paths(args.home).loss_cache)
     started = time.time()
@@ -322,7 +322,17 @@ def build_parser() -> argparse.ArgumentParser:
         "loss, report macro-F1 (classification) or accuracy (multiple choice), mean and worst over seeds, for all "
         "and unseen-domain targets. Writes results.json, results.md and results.png.",
     )
-    p.add_argument("--model", default="builtin", help="'builtin' (SmolLM2-135M), a Hugging Face folder, or a raymeta checkpoint")
+    p.add_argument(
+        "--model",
+        default="builtin",
+        help="'builtin' (SmolLM2-135M), a Hugging Face folder, a raymeta checkpoint, or a PEFT adapter folder",
+    )
+    p.add_argument(
+        "--base-model",
+        default=None,
+        help="for an adapter (LoRA) checkpoint: its base model (default: the one it names; another base is refused)",
+    )
+    p.add_argument("--merge", action="store_true", help="merge an adapter into its base before scoring (faster)")
     p.add_argument(
         "--setting", default="bb_class_to_class", help="setting name (config/{setting}.json; default bb_class_to_class)"
     )

@@ -23,8 +23,10 @@ from raymeta.core.meta import METHODS, MOMENT_POLICIES, PRECISIONS, InnerConfig,
 from raymeta.data.prompts import VARIANTS
 from raymeta.errors import UserError
 from raymeta.io import read_yaml
+from raymeta.weights import ADAPTER_TYPES, AdapterConfig, WeightsConfig
 
 __all__ = [
+    "ADAPTER_TYPES",
     "EXECUTORS",
     "METHODS",
     "MOMENT_POLICIES",
@@ -38,6 +40,8 @@ __all__ = [
     "TaskConfig",
     "TrainConfig",
     "ValidationConfig",
+    "AdapterConfig",
+    "WeightsConfig",
     "apply_overrides",
     "keys",
     "load_config",
@@ -207,17 +211,20 @@ class PlacementConfig:
 
 @dataclass
 class TrainConfig:
-    """A whole meta-training run: the algorithm (`meta`, what `raymeta.core` reads), its tasks, the run
+    """A whole meta-training run: the algorithm (`meta`, what `raymeta.core` reads), the weights it
+    changes (`weights`: `trainable`, `adapter.*`), its tasks, the run
     and its placement. Users see one flat set of keys (`inner.lr`, `tasks_per_step`, `num_workers`, ...):
     each key belongs to one section, `keys()` lists them and `to_dict` writes them."""
 
     meta: MetaConfig = field(default_factory=MetaConfig)
+    weights: WeightsConfig = field(default_factory=WeightsConfig)
     tasks: TaskConfig = field(default_factory=TaskConfig)
     run: RunConfig = field(default_factory=RunConfig)
     placement: PlacementConfig = field(default_factory=PlacementConfig)
 
     def validate(self, where: str = "config") -> TrainConfig:
         self.meta.validate(where)
+        self.weights.validate(where)
         self.tasks.validate(where)
         self.run.validate(where)
         self.placement.validate(where)
@@ -270,6 +277,8 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
             raise UserError(f"{where}: {key}: expected a number, got {value!r}")
         return float(value)
     if tp is str:
+        if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+            return ",".join(value)  # a YAML list of names (adapter.target_modules)
         if not isinstance(value, str):
             raise UserError(f"{where}: {key}: expected a string, got {value!r}")
         return value

@@ -1,4 +1,5 @@
-"""Loading a causal LM and its tokenizer: the built-in SmolLM2, any Hugging Face folder, or a checkpoint.
+"""Loading a causal LM and its tokenizer: the built-in SmolLM2, any Hugging Face folder, a checkpoint, or
+a PEFT adapter folder (a LoRA checkpoint) on the base model it names.
 
 Loading is local only (`local_files_only=True`) and `trust_remote_code` stays off: raymeta never
 fetches weights from a hub at run time and never runs code shipped with a model folder.
@@ -6,6 +7,7 @@ fetches weights from a hub at run time and never runs code shipped with a model 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +16,9 @@ import torch
 from raymeta.errors import UserError
 from raymeta.paths import paths
 from raymeta.storage import is_uri, stage
+from raymeta.weights import BASE_FILE, WeightsConfig, is_adapter_folder, load_adapter, prepare, restrict, unwrap
 
-__all__ = ["BUILTIN", "resolve_model_dir", "load_model", "load_tokenizer"]
+__all__ = ["BUILTIN", "adapter_base", "check_weights", "load_model", "load_tokenizer", "load_trainable", "resolve_model_dir"]
 
 BUILTIN = "builtin"
 _DTYPES = {
@@ -29,7 +32,8 @@ _DTYPES = {
 
 def resolve_model_dir(spec: str, root: Path | None = None) -> Path:
     """`builtin` -> the fetched SmolLM2 folder; a folder with config.json; or a checkpoint folder
-    holding a `model/` subfolder, local or on object storage (`s3://.../checkpoints/step-N`)."""
+    holding a `model/` subfolder, local or on object storage (`s3://.../checkpoints/step-N`); a PEFT
+    adapter folder (adapter_config.json) counts too."""
     if spec == BUILTIN:
         folder = paths(root).smollm2
         if not (folder / "config.json").is_file():
@@ -39,9 +43,23 @@ def resolve_model_dir(spec: str, root: Path | None = None) -> Path:
     if not folder.is_dir():
         raise UserError(f"{spec}: folder not found (expected 'builtin' or a Hugging Face model folder)", key="model")
     for candidate in (folder, folder / "model"):
-        if (candidate / "config.json").is_file():
+        if (candidate / "config.json").is_file() or is_adapter_folder(candidate):
             return candidate
-    raise UserError(f"{spec}: not a Hugging Face model folder (no config.json in it or in its model/ subfolder)", key="model")
+    raise UserError(
+        f"{spec}: not a Hugging Face model folder (no config.json or adapter_config.json in it or in its model/ subfolder)",
+        key="model",
+    )
+
+
+def adapter_base(folder: Path) -> str:
+    """The base model an adapter folder names: raymeta's record, else PEFT's base_model_name_or_path."""
+    record = folder / BASE_FILE
+    if record.is_file():
+        return str(json.loads(record.read_text())["base_model"])
+    name = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not name:
+        raise UserError(f"{folder}: the adapter names no base model; pass one", key="base_model")
+    return str(name)
 
 
 def load_model(
@@ -51,12 +69,23 @@ def load_model(
     device: str | torch.device = "cpu",
     attn_implementation: str | None = None,
     root: Path | None = None,
+    base_model: str | None = None,
+    merge: bool = False,
+    trainable: bool = False,
 ) -> torch.nn.Module:
+    """A model in eval mode on `device`. An adapter folder loads on its base (`base_model`, default the
+    one it names; a different base is refused): merged into it with `merge`, as the PeftModel (adapter
+    trainable) with `trainable`, else as the Hugging Face model with its LoRA layers in place."""
     from transformers import AutoModelForCausalLM  # deferred: transformers loads only to load a model
 
     if dtype not in _DTYPES:
         raise UserError(f"expected one of {', '.join(_DTYPES)}, got {dtype!r}", key="dtype")
     folder = resolve_model_dir(spec, root)
+    if is_adapter_folder(folder):
+        base_spec = base_model or adapter_base(folder)
+        base = load_model(base_spec, dtype=dtype, device=device, attn_implementation=attn_implementation, root=root)
+        model = load_adapter(base, folder, base_spec=base_spec, trainable=trainable, merge=merge)
+        return (model if trainable or merge else unwrap(model)).to(device).eval()
     kwargs: dict[str, Any] = {"dtype": _DTYPES[dtype], "local_files_only": True, "trust_remote_code": False}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
@@ -78,4 +107,44 @@ def load_tokenizer(spec: str, root: Path | None = None) -> Any:
                 return AutoTokenizer.from_pretrained(candidate, local_files_only=True, trust_remote_code=False)
             except (OSError, ValueError) as e:
                 raise UserError(f"{spec}: cannot load the tokenizer in {candidate} ({e})", key="model") from None
+    if is_adapter_folder(folder):  # a bare PEFT adapter: its base model's tokenizer
+        return load_tokenizer(adapter_base(folder), root)
     raise UserError(f"{spec}: no tokenizer files (tokenizer.json or vocab.json) in {folder}", key="model")
+
+
+def load_trainable(
+    spec: str,
+    weights: WeightsConfig,
+    *,
+    resume: Path | None = None,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    root: Path | None = None,
+) -> torch.nn.Module:
+    """The model meta-training starts from, its trainable weights set (`weights`): the model `spec`, or a
+    checkpoint of the run (`resume`; an adapter checkpoint loads on `spec` as its base)."""
+    if resume is not None and is_adapter_folder(resolve_model_dir(str(resume), root)):
+        model = load_model(str(resume), device=device, root=root, base_model=spec, trainable=True)
+        restrict(model, weights.trainable)
+        return model
+    model = load_model(str(resume) if resume is not None else spec, device=device, root=root)
+    return prepare(model, weights, seed=seed)
+
+
+def check_weights(spec: str, weights: WeightsConfig, root: Path | None = None) -> None:
+    """Pre-flight: `trainable` and `adapter.*` fit the model's parameter names (built on the meta
+    device: no weights are read)."""
+    if weights.trainable is None and weights.adapter.type == "none":
+        return
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = resolve_model_dir(spec, root)
+    if is_adapter_folder(folder):
+        return
+    try:
+        config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"{spec}: cannot read its config ({str(e).splitlines()[0]})", key="model") from None
+    prepare(model, weights)

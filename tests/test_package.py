@@ -21,6 +21,7 @@ LAYERS = {
     "raymeta.core": 1,
     "raymeta.data": 2,
     "raymeta.models": 2,
+    "raymeta.weights": 2,
     "raymeta.cluster": 2,
     "raymeta.assets": 3,
     "raymeta.eval": 3,

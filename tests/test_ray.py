@@ -118,3 +118,30 @@ def test_too_few_cpus_for_workers_and_tasks_is_refused(ray_local, tiny_folder):
 
     with pytest.raises(UserError, match="needs 2.5 CPUs, but the Ray cluster has 2: the run would wait forever"):
         train(_cfg(tiny_folder, "greedy", "num_workers=2", "cpus_per_worker=1", "executor=ray"), progress=False)
+
+
+def test_lora_tasks_ship_adapters_only_and_give_the_local_meta_gradient(ray_local, tiny_folder, one_thread):
+    from raymeta.models import load_trainable
+
+    cfg = load_config(None, ["method=maml_en_llm", "moment_policy=shared", "adapter.type=lora", "adapter.r=2"])
+    model = load_trainable(str(tiny_folder / "model"), cfg.weights)
+    learner = MetaLearner(model, cfg.meta)
+    local = LocalExecutor().accumulate(learner, _tasks())
+    ray_acc = RayExecutor(str(tiny_folder / "model"), cfg).accumulate(learner, _tasks())
+    assert set(ray_acc.grads) == set(learner.flm.params()) and all(".lora_" in n for n in ray_acc.grads)
+    for name in local.grads:
+        torch.testing.assert_close(ray_acc.grads[name], local.grads[name], rtol=0, atol=1e-6)
+        torch.testing.assert_close(ray_acc.v[name], local.v[name], rtol=0, atol=1e-9)
+
+
+def test_two_lora_workers_follow_the_single_process_trajectory(ray_local, tiny_folder):
+    lora = ("adapter.type=lora", "adapter.r=2", "trainable=h\\.1\\..*lora_")  # the adapters of layer 1
+    one = train(_cfg(tiny_folder, "lora-one", "distributed=false", *lora), progress=False)
+    two = train(_cfg(tiny_folder, "lora-two", "num_workers=2", *lora), progress=False)
+    a = load_file(str(one / "model" / "adapter_model.safetensors"))
+    b = load_file(str(two / "model" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    frozen_b = [n for n in a if ".h.0." in n and "lora_B" in n]
+    assert frozen_b and all(not a[n].any() for n in frozen_b)  # layer 0's adapters stay at PEFT's zero B
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6)

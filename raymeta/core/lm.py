@@ -64,10 +64,17 @@ class FunctionalLM:
 
     The loss is MetaICL's: per sequence the mean cross-entropy of its scored tokens, then the mean over
     sequences (`sequence_losses`).
+
+    The weights passed to `loss` are the trainable ones (`requires_grad`); frozen weights (a `trainable`
+    subset, or the base under LoRA) are the module's own. A PEFT model is called through the Hugging
+    Face model inside it (its LoRA layers in place), so names are the Hugging Face ones
+    (`model.layers.0.self_attn.q_proj.lora_A.default.weight`).
     """
 
     def __init__(self, model: torch.nn.Module, *, math_attention: bool = True) -> None:
-        hf: Any = model
+        get_base = getattr(model, "get_base_model", None)  # a peft.PeftModel: its Hugging Face model
+        hf: Any = get_base() if callable(get_base) else model
+        model = hf
         self.model = model
         self.base: torch.nn.Module = hf.base_model
         self.prefix = hf.base_model_prefix + "."
@@ -77,9 +84,14 @@ class FunctionalLM:
         if id(head.weight) not in by_id:
             raise UserError("its output head's weight is not one of its parameters; unsupported model", key="model")
         self.head_name = by_id[id(head.weight)]
+        self.head_weight = head.weight
         self.head_bias = head.bias
         self.names = [n for n, p in named.items() if p.requires_grad]
         self.math_attention = math_attention
+
+    @property
+    def device(self) -> torch.device:
+        return self.head_weight.device
 
     def params(self) -> Tensors:
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
@@ -95,11 +107,11 @@ class FunctionalLM:
 
     def loss(self, params: Tensors, batch: Batch) -> torch.Tensor:
         base_params = {n[len(self.prefix) :]: t for n, t in params.items() if n.startswith(self.prefix)}
-        ids = batch.ids.to(params[self.head_name].device)
+        ids = batch.ids.to(self.device)
         with self.attention():
             hidden = functional_call(self.base, base_params, (ids,), {"use_cache": False}).last_hidden_state
         rows, cols = span_positions(batch.spans, ids.device)
-        weight = params[self.head_name]
+        weight = params.get(self.head_name, self.head_weight)  # frozen: the module's own
         losses = sequence_losses(
             hidden[rows, cols - 1],
             ids[rows, cols],

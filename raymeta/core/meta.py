@@ -193,7 +193,7 @@ def task_meta_gradient(
     flm: FunctionalLM, params: Tensors, outer_state: AdamState | None, batch: TaskBatch, cfg: MetaConfig
 ) -> TaskResult:
     """The meta-gradient G_i of one task (a pure function of its inputs: it can run in another process)."""
-    device = params[flm.head_name].device
+    device = flm.device
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.precision == "bf16" else contextlib.nullcontext()
     names = list(params)
     n_tokens = batch.support.n_tokens * cfg.inner.steps + batch.query.n_tokens
@@ -291,7 +291,8 @@ class MetaLearner:
         metrics = learner.step([raymeta.TaskBatch("my-task", support, query)])
         print(metrics.query_loss, metrics.grad_norm)
 
-    Every parameter with `requires_grad` is meta-trained (θ); the model is updated in place.
+    Every parameter with `requires_grad` is meta-trained (θ); the others stay as they are (bit for bit);
+    the model is updated in place. A `peft.PeftModel` meta-trains its adapter tensors.
     """
 
     def __init__(self, model: torch.nn.Module, cfg: MetaConfig) -> None:

@@ -21,7 +21,7 @@ from raymeta.core.device import resolve_device
 from raymeta.data import open_data
 from raymeta.errors import UserError
 from raymeta.eval.icl import EvalConfig, LossCache, evaluate_setting
-from raymeta.models import load_model, load_tokenizer, resolve_model_dir
+from raymeta.models import check_weights, load_model, load_tokenizer, resolve_model_dir
 from raymeta.paths import paths
 from raymeta.run.checkpoint import latest_step, local_checkpoint, read_state
 from raymeta.run.distributed import fit
@@ -50,6 +50,8 @@ def train(
     metrics)` runs on every worker after each step and its checkpoint (it must pickle: a module-level
     function or object); `callbacks` are Ray Train callbacks (e.g. Tune's `TuneReportCallback`)."""
     cfg.validate()
+    if not resume:
+        check_weights(cfg.run.model, cfg.weights, root)  # trainable / adapter.* against the model's names, before anything
     store = RunStore(cfg.run.out)
     store.check_writable()  # unreachable or read-only storage: one line, before anything starts
     latest = latest_step(store)
@@ -94,13 +96,16 @@ def evaluate(
     progress: bool = False,
     root: Path | None = None,
     device: str = "auto",
+    base_model: str | None = None,
+    merge: bool = False,
     **options: Any,
 ) -> dict[str, Any]:
     """Evaluate a model with MetaICL's protocol on a setting's target tasks; returns the results dict
     (`results["runs"]["direct/icl"]["all"]["mean"]`, ...) that `raymeta eval` writes as results.json.
 
     `model` is `"builtin"`, a Hugging Face folder or a raymeta checkpoint (loaded on `device`: auto,
-    cpu, cuda[:N]), or a loaded causal LM (then pass its `tokenizer`; it is scored where it is).
+    cpu, cuda[:N]; an adapter checkpoint loads on `base_model`, default the base it names, merged with
+    `merge`), or a loaded causal LM (then pass its `tokenizer`; it is scored where it is).
     Evaluation settings come as an `EvalConfig` or as its fields (`k=4, seeds=(100, 13),
     variants=("direct",), modes=("icl",), max_test_examples=10`). Per-option losses are cached under
     raymeta's home unless `cache=False`."""
@@ -109,7 +114,7 @@ def evaluate(
     cfg = config or EvalConfig(**options)
     if isinstance(model, str):
         tokenizer = load_tokenizer(model, root)
-        model = load_model(model, root=root, device=resolve_device(device))
+        model = load_model(model, root=root, device=resolve_device(device), base_model=base_model, merge=merge)
     elif tokenizer is None:
         raise UserError("a loaded model needs its tokenizer (evaluate(model, tokenizer, ...))", key="tokenizer")
     source = open_data(data, root)

@@ -1,6 +1,7 @@
 """A run folder's checkpoints: `checkpoints/step-NNNNNN/` with
 
-    model/                   a Hugging Face folder (safetensors) with the tokenizer
+    model/                   a Hugging Face folder (safetensors) with the tokenizer; under LoRA a PEFT
+                             adapter folder (+ raymeta_base.json: the base model and its fingerprint)
     optimizer.safetensors    the outer optimizer's moments (m.NAME, v.NAME)
     state.json               step, optimizer step, sampler state, skipped steps, the config
 
@@ -21,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from raymeta.core.optim import AdamState
 from raymeta.io import atomic_write_json
 from raymeta.storage import RunStore, stage
+from raymeta.weights import base_fingerprint, is_adapter_folder, write_base_record
 
 __all__ = [
     "latest_checkpoint",
@@ -81,8 +83,10 @@ def write_checkpoint(
     config: dict[str, Any],
 ) -> None:
     """Write a checkpoint's files into an existing (temporary) folder."""
-    model.save_pretrained(folder / "model")
+    model.save_pretrained(folder / "model")  # a PeftModel writes its adapter only
     tokenizer.save_pretrained(folder / "model")
+    if is_adapter_folder(folder / "model"):
+        write_base_record(folder / "model", config["model"], base_fingerprint(model))
     tensors = {}
     if state is not None:  # CPU copies: a checkpoint loads on any device
         tensors = {

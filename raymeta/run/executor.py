@@ -28,6 +28,7 @@ from raymeta.core.lm import FunctionalLM
 from raymeta.core.meta import Accumulator, MetaConfig, MetaLearner, TaskBatch, TaskResult, task_meta_gradient
 from raymeta.core.optim import AdamState
 from raymeta.models import load_model
+from raymeta.weights import WeightsConfig, prepare
 
 __all__ = ["LocalExecutor", "RayExecutor", "make_executor"]
 
@@ -65,6 +66,7 @@ def _run_task(
     state: dict[str, Any] | None,
     batch: TaskBatch,
     cfg: MetaConfig,
+    weights: WeightsConfig,
     cpus: float,
     before: Callable[[], None] | None,
 ) -> dict[str, Any]:
@@ -76,9 +78,9 @@ def _run_task(
     torch.set_num_threads(max(1, math.ceil(cpus - 1e-9)))
     # the task's GPU when it holds one (Ray sets CUDA_VISIBLE_DEVICES to it), else the CPU
     device = torch.device("cuda") if ray.get_gpu_ids() else torch.device("cpu")
-    key = f"{model_dir}@{device}"
+    key = f"{model_dir}@{device}@{weights}"
     if key not in _MODELS:
-        model = load_model(model_dir, device=device)
+        model = prepare(load_model(model_dir, device=device), weights)  # trainable values come with the task
         _MODELS[key] = (model, FunctionalLM(model, math_attention=cfg.method == "maml_en_llm"))
     _, flm = _MODELS[key]
     theta = {n: t.requires_grad_() for n, t in _on(params, device).items()}
@@ -109,6 +111,7 @@ class RayExecutor:
     ) -> None:
         self.model_dir = model_dir
         self.meta = cfg.meta
+        self.weights = cfg.weights
         self.cpus = cfg.placement.cpus_per_task
         self.before_task = before_task
         node = ray.get_runtime_context().get_node_id()
@@ -129,7 +132,8 @@ class RayExecutor:
         state = learner.state
         state_ref: Any = ray.put({"m": _numpy(state.m), "v": _numpy(state.v), "step": state.step}) if state is not None else None
         refs: list[Any] = [
-            self.remote.remote(self.model_dir, params_ref, state_ref, b, self.meta, self.cpus, self.before_task) for b in batches
+            self.remote.remote(self.model_dir, params_ref, state_ref, b, self.meta, self.weights, self.cpus, self.before_task)
+            for b in batches
         ]
         # Results are summed in task order (a deterministic sum) and each is released once added, so the
         # object store never holds every task's gradient and moments at once.

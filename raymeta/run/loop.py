@@ -31,7 +31,7 @@ from raymeta.core.meta import Accumulator, MetaLearner, TaskBatch
 from raymeta.data import open_data
 from raymeta.data.prompts import PromptBuilder, PromptFormat, make_batch
 from raymeta.data.sampler import MetaBatchSampler, TaskSample
-from raymeta.models import load_model, load_tokenizer, resolve_model_dir
+from raymeta.models import load_tokenizer, load_trainable, resolve_model_dir
 from raymeta.run.checkpoint import load_optimizer, prune_checkpoints, write_checkpoint
 from raymeta.run.executor import make_executor
 from raymeta.run.validation import HeldOut, held_out_data, held_out_tasks, validate
@@ -112,9 +112,7 @@ def run_loop(
     sampler, held = build_sampler(cfg, root)
     model_spec = str(resume_dir) if resume_dir is not None else run.model
     tokenizer = load_tokenizer(model_spec, root)
-    model = load_model(model_spec, root=root, device=device)
-    for p in model.parameters():
-        p.requires_grad_(True)
+    model = load_trainable(run.model, cfg.weights, resume=resume_dir, seed=run.seed, device=device, root=root)
     learner = MetaLearner(model, cfg.meta)
     start = 0
     if resume_dir is not None:
@@ -125,7 +123,10 @@ def run_loop(
         if learner.state is not None:
             learner.state = load_optimizer(resume_dir, list(learner.flm.params()), state["optimizer_step"], device)
     shard = len(range(place.rank, cfg.tasks.tasks_per_step, place.world))
-    executor = make_executor(cfg.placement.executor_for(shard), str(resolve_model_dir(model_spec, root)), cfg)
+    # Ray tasks build the same model (adapters and frozen weights included) from a full model folder:
+    # for LoRA the base (the adapter tensors come with each task), else the one this run starts from
+    task_model = run.model if cfg.weights.adapter.type == "lora" else model_spec
+    executor = make_executor(cfg.placement.executor_for(shard), str(resolve_model_dir(task_model, root)), cfg)
 
     lead = place.rank == 0
     store = place.out
