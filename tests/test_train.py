@@ -146,7 +146,7 @@ def test_yaml_exponent_floats_and_nested_mappings(tmp_path):
     assert cfg.meta.inner.optimizer == "adam" and cfg.meta.grad_clip == 0.0
 
 
-@pytest.mark.parametrize("name", ["tiny", "quickstart", "main", "gpu_cluster"])
+@pytest.mark.parametrize("name", ["tiny", "quickstart", "main", "gpu_cluster", "lora", "gpu_lora"])
 def test_shipped_configs_load_and_validate(name):
     cfg = load_config(Path("configs") / f"{name}.yaml")
     assert cfg.meta.method == "maml_en_llm" and cfg.meta.moment_policy == "shared"

@@ -238,3 +238,9 @@ def test_cli_bad_sweep_exits_2_with_one_line(tiny_folder):
     result = subprocess.run([sys.executable, "-m", "raymeta.cli", "tune", str(path)], capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "space.inner.lr: loguniform: the range must be positive" in result.stderr
+
+
+@pytest.mark.parametrize("path", sorted(Path("tune_configs").glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_sweeps_load_and_their_spaces_fit_the_config(path):
+    sweep = load_sweep(path)
+    assert sweep.space and sweep.num_samples >= 1

@@ -55,7 +55,7 @@ __all__ = [
 
 METHODS = ("maml_en_llm", "fomaml", "reptile", "metaicl")
 MOMENT_POLICIES = ("none", "init", "shared")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "bf16_query")
 
 Tensors = dict[str, torch.Tensor]
 
@@ -194,20 +194,28 @@ def task_meta_gradient(
 ) -> TaskResult:
     """The meta-gradient G_i of one task (a pure function of its inputs: it can run in another process)."""
     device = flm.device
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.precision == "bf16" else contextlib.nullcontext()
+
+    def autocast(on: bool) -> contextlib.AbstractContextManager[Any]:
+        return torch.autocast(device.type, dtype=torch.bfloat16) if on else contextlib.nullcontext()
+
+    # bf16: every pass under bf16 autocast; bf16_query: the query pass only (the inner loop, whose
+    # gradients the inner Adam step and its derivative read, stays in fp32)
+    inner_bf16 = cfg.precision == "bf16"
+    query_bf16 = cfg.precision in ("bf16", "bf16_query")
     names = list(params)
     n_tokens = batch.support.n_tokens * cfg.inner.steps + batch.query.n_tokens
-    with autocast:
+    with autocast(query_bf16):
         if cfg.method == "metaicl":
             loss = flm.loss(params, batch.query)
             grads = torch.autograd.grad(loss, [params[n] for n in names])
             value = item(loss)
             return TaskResult(dict(zip(names, grads)), None, value, value, batch.query.n_tokens)
 
-        second = cfg.method == "maml_en_llm"
-        theta = dict(params) if second else {n: p.detach().requires_grad_() for n, p in params.items()}
-        state = _inner_start(cfg, params, outer_state)
-        support_loss = float("nan")
+    second = cfg.method == "maml_en_llm"
+    theta = dict(params) if second else {n: p.detach().requires_grad_() for n, p in params.items()}
+    state = _inner_start(cfg, params, outer_state)
+    support_loss = float("nan")
+    with autocast(inner_bf16):
         for k in range(cfg.inner.steps):
             loss = flm.loss(theta, batch.support)
             if k == 0:
@@ -217,10 +225,11 @@ def task_meta_gradient(
             if not second:
                 theta = {n: t.detach().requires_grad_() for n, t in theta.items()}
                 state = detached(state) if state is not None else None
-        # only `shared` reads the final inner moments: keeping them otherwise costs two model-sized buffers
-        final_state = detached(state) if state is not None and cfg.moment_policy == "shared" else None
-        del state, grads, loss  # the graph keeps what the meta-gradient needs; drop the rest before the query pass
+    # only `shared` reads the final inner moments: keeping them otherwise costs two model-sized buffers
+    final_state = detached(state) if state is not None and cfg.moment_policy == "shared" else None
+    del state, grads, loss  # the graph keeps what the meta-gradient needs; drop the rest before the query pass
 
+    with autocast(query_bf16):
         if cfg.method == "reptile":
             with torch.no_grad():
                 query_loss = item(flm.loss(theta, batch.query))
@@ -299,6 +308,8 @@ class MetaLearner:
         self.cfg = cfg.validate("MetaConfig")
         # SDPA's math backend only where double backward is needed; elsewhere the default (faster) kernels
         self.flm = FunctionalLM(model, math_attention=cfg.method == "maml_en_llm")
+        if not self.flm.names:
+            raise UserError("no parameter of the model requires grad: nothing to meta-train", key="trainable")
         if cfg.method == "maml_en_llm":
             self.flm.check_double_backward()
         if cfg.activation_checkpointing:
