@@ -84,8 +84,8 @@ def load_model(
     if is_adapter_folder(folder):
         base_spec = base_model or adapter_base(folder)
         base = load_model(base_spec, dtype=dtype, device=device, attn_implementation=attn_implementation, root=root)
-        model = load_adapter(base, folder, base_spec=base_spec, trainable=trainable, merge=merge)
-        return (model if trainable or merge else unwrap(model)).to(device).eval()
+        adapted = load_adapter(base, folder, base_spec=base_spec, trainable=trainable, merge=merge)
+        return (adapted if trainable or merge else unwrap(adapted)).to(device).eval()
     kwargs: dict[str, Any] = {"dtype": _DTYPES[dtype], "local_files_only": True, "trust_remote_code": False}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation

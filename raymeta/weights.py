@@ -46,7 +46,7 @@ BASE_FILE = "raymeta_base.json"
 class AdapterConfig:
     type: str = "none"  # none | lora
     r: int = 16
-    alpha: float = 32.0
+    alpha: int = 32  # scaling alpha / r (PEFT's lora_alpha)
     target_modules: str = "all-linear"  # all-linear, or module names separated by commas (q_proj,v_proj)
 
     def modules(self) -> str | list[str]:
