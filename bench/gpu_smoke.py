@@ -4,7 +4,7 @@
 
 1. one task's second-order meta-gradient (maml_en_llm, AdamW inner, shared moments from a fresh outer
    state) on real built-in batches, on the CPU and on the GPU in fp32 (goal: relative L2 <= 1e-3) and
-   on the GPU with `precision: bf16` (reported against the GPU's fp32, no goal here);
+   on the GPU with `precision: bf16` and `bf16_query` (reported against the GPU's fp32, with their speed-ups);
 2. single-process meta-training on the GPU (`distributed: false, device: cuda`), fp32 and bf16: s/step;
 3. a 1-worker Ray Train run with `use_gpu: true` (the worker's device from `ray.train.torch.get_device()`);
 4. Ray tasks sharing the GPU (`executor: ray, gpus_per_task: 0.5`, two tasks a step);
@@ -84,13 +84,15 @@ def _meta_gradients() -> dict[str, Any]:
     cpu, cpu_s = _meta_gradient("cpu", "fp32", batch)
     gpu, gpu_s = _meta_gradient("cuda", "fp32", batch)
     gpu_bf16, bf16_s = _meta_gradient("cuda", "bf16", batch)
+    gpu_bq, bq_s = _meta_gradient("cuda", "bf16_query", batch)
     fp32 = _compare(gpu, cpu)
     return {
         "gpu_fp32_vs_cpu_fp32": fp32,
         "goal_relative_l2": 1e-3,
         "goal_met": fp32["relative_l2"] <= 1e-3,
         "gpu_bf16_vs_gpu_fp32": _compare(gpu_bf16, gpu),
-        "seconds": {"cpu_fp32": cpu_s, "gpu_fp32": gpu_s, "gpu_bf16": bf16_s},
+        "gpu_bf16_query_vs_gpu_fp32": _compare(gpu_bq, gpu),
+        "seconds": {"cpu_fp32": cpu_s, "gpu_fp32": gpu_s, "gpu_bf16": bf16_s, "gpu_bf16_query": bq_s},
     }
 
 

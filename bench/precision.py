@@ -8,13 +8,15 @@ prompts), under each precision policy, against the fp32 one computed in the same
 - bf16: every pass under bf16 autocast (weights, gradients, Adam and accumulators stay fp32);
 - bf16_query: the inner loop in fp32, the query pass under bf16 autocast.
 
-At two outer states: `fresh` (the pretrained weights, zero moments) and `realistic` (the weights and
-shared moments after `--realistic-steps` real maml_en_llm meta-steps, trained once with `raymeta train`
-and kept under raymeta's home). Reported: cosine and relative L2 error against fp32, norms, and the
+At two outer states, for full-weight training and (`_lora` states) for LoRA r=16 on every linear
+layer: `fresh` (the pretrained weights, zero moments) and `realistic` (the weights and shared
+moments after `--realistic-steps` real maml_en_llm meta-steps, trained once with `raymeta train`
+and kept under raymeta's home; for LoRA with lr 1e-3). Reported: cosine and relative L2 error against fp32, norms, and the
 step time (median of `--repeats`). `tiny_fp64` does the same on a tiny random Llama with fp64 as the
 reference (there fp32 itself is measured). Progress is saved after every row: rerun to resume.
 
-    python -m bench.precision [--states fresh,realistic] [--realistic-steps 20] [--out bench/results/precision.json]
+    python -m bench.precision [--states tiny_fp64,fresh,realistic,fresh_lora,realistic_lora]
+                              [--realistic-steps 20] [--out bench/results/precision.json]
 """
 
 from __future__ import annotations
@@ -77,15 +79,20 @@ def _real_batch(tokenizer: Any) -> Any:
     return _tokenize(sampler.sample()[0], builder)
 
 
-def _realistic_checkpoint(steps: int) -> Path:
+LORA = ["adapter.type=lora", "adapter.r=16", "adapter.alpha=32", "adapter.target_modules=all-linear"]
+
+
+def _realistic_checkpoint(steps: int, lora: bool) -> Path:
     """A run of `steps` real maml_en_llm meta-steps (shared moments) under raymeta's home; resumed if cut short."""
     from raymeta.config import load_config
     from raymeta.paths import home
     from raymeta.run.api import train
     from raymeta.run.checkpoint import latest_checkpoint
 
-    out = home() / "bench" / f"precision-state-{steps}"
+    out = home() / "bench" / f"precision-state-{steps}{'-lora' if lora else ''}"
     over = [
+        *(LORA if lora else []),
+        *(["inner.lr=1e-3", "outer.lr=1e-3"] if lora else []),
         "method=maml_en_llm",
         "moment_policy=shared",
         "inner.lr=1e-4",
@@ -106,24 +113,24 @@ def _realistic_checkpoint(steps: int) -> Path:
 
 
 def _smollm2_state(state: str, steps: int) -> tuple[Any, Any, Any]:
-    """(model, tokenizer, outer AdamState) at the named state."""
+    """(model, tokenizer, outer AdamState) at the named state (`_lora`: LoRA r=16 on every linear layer)."""
     import json as _json
 
+    from raymeta.config import load_config
+    from raymeta.core.lm import FunctionalLM
     from raymeta.core.optim import zeros_state
-    from raymeta.models import load_model, load_tokenizer
+    from raymeta.models import load_tokenizer, load_trainable
     from raymeta.run.checkpoint import load_optimizer
 
+    lora = state.endswith("_lora")
+    weights = load_config(None, LORA if lora else []).weights
     tokenizer = load_tokenizer("builtin")
-    if state == "fresh":
-        model = load_model("builtin")
-        for p in model.parameters():
-            p.requires_grad_(True)
-        return model, tokenizer, zeros_state({n: p.detach() for n, p in model.named_parameters()})
-    ckpt = _realistic_checkpoint(steps)
-    model = load_model(str(ckpt))
-    for p in model.parameters():
-        p.requires_grad_(True)
-    names = [n for n, _ in model.named_parameters()]
+    if state.startswith("fresh"):
+        model = load_trainable("builtin", weights)
+        return model, tokenizer, zeros_state(FunctionalLM(model).params())
+    ckpt = _realistic_checkpoint(steps, lora)
+    model = load_trainable("builtin", weights, resume=ckpt)
+    names = list(FunctionalLM(model).params())
     opt_step = _json.loads((ckpt / "state.json").read_text())["optimizer_step"]
     return model, tokenizer, load_optimizer(ckpt, names, opt_step)
 
@@ -189,7 +196,7 @@ def run_state(state: str, steps: int, repeats: int, done: set[tuple[str, str, st
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--states", default="tiny_fp64,fresh,realistic")
+    ap.add_argument("--states", default="tiny_fp64,fresh,realistic,fresh_lora,realistic_lora")
     ap.add_argument("--realistic-steps", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=2, help="timed gradients per policy (the median is reported)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/precision.json"))

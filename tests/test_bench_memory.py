@@ -55,7 +55,9 @@ def test_memory_env_counts_buffers_a_warm_up_already_made_room_for():
 def test_memory_run_without_memory_env_refuses_to_measure(bench):
     env = {k: v for k, v in memory_env().items() if k != "MALLOC_MMAP_THRESHOLD_"}
     args = (
-        ["--one", "tiny_gpt2", "raymeta", "memory", "-"] if bench == "bench.speed" else ["--one", "tiny_gpt2", "fomaml", "memory"]
+        ["--one", "tiny_gpt2", "raymeta", "memory", "-"]
+        if bench == "bench.speed"
+        else ["--one", "tiny_gpt2", '["fomaml", false, 1, null, "local"]', "memory"]
     )
     proc = subprocess.run([sys.executable, "-m", bench, *args], capture_output=True, text=True, env=env, cwd=ROOT)
     assert proc.returncode != 0

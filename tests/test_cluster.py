@@ -200,7 +200,7 @@ def test_token_auth_head_runs_a_submitted_job_and_shows_its_metrics(tmp_path, gp
                 break
             time.sleep(1)
         status, logs = _get(f"{api}/api/jobs/raymeta-test/logs", token)
-        assert state == "SUCCEEDED", logs[-3000:]
+        assert state == "SUCCEEDED", (json.loads(body).get("message"), logs[-3000:])  # the message: why it failed
 
         status, body = _get(f"{api}/api/jobs/", token)
         assert status == 200 and "raymeta-test" in body  # the job list, with the token

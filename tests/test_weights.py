@@ -21,7 +21,7 @@ from tests.test_meta import V, _batch, _cfg, _objective, _outer_state
 
 def _lora(model, r: int = 2, random_b: bool = True, target: str = "all-linear"):
     """The model with LoRA injected; B random (PEFT starts it at zero) so that every term of the meta-gradient is non-zero."""
-    peft_model = prepare(model, WeightsConfig(adapter=AdapterConfig(type="lora", r=r, alpha=2.0 * r, target_modules=target)))
+    peft_model = prepare(model, WeightsConfig(adapter=AdapterConfig(type="lora", r=r, alpha=2 * r, target_modules=target)))
     if random_b:
         g = torch.Generator().manual_seed(3)
         with torch.no_grad():
