@@ -398,14 +398,3 @@ def test_bf16_query_policy_keeps_the_inner_loop_in_fp32_and_the_meta_gradient_cl
     flat = {k: torch.cat([g.reshape(-1).double() for g in r.grads.values()]) for k, r in results.items()}
     cosine = float(flat["bf16_query"] @ flat["fp32"] / (flat["bf16_query"].norm() * flat["fp32"].norm()))
     assert 0.999 <= cosine < 1.0
-
-
-def test_bf16_autocast_for_second_order_warns_and_names_the_faithful_policy():
-    with pytest.warns(UserWarning, match="bf16_query"):
-        MetaConfig(method="maml_en_llm", precision="bf16").validate()
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        MetaConfig(method="maml_en_llm", precision="bf16_query").validate()
-        MetaConfig(method="metaicl", precision="bf16").validate()

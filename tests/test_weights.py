@@ -169,3 +169,15 @@ def test_an_adapter_on_another_base_is_refused(tmp_path, tiny_setup, gpt2_tokeni
     code = main(["eval", "--model", str(final), "--base-model", str(other), "--data", str(data), "--setting", "toy"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "--base-model" in err and "different weights" in err, err
+
+
+def test_bf16_for_full_weight_second_order_warns_and_names_the_faithful_policy():
+    import warnings
+
+    with pytest.warns(UserWarning, match="bf16_query"):
+        load_config(None, ["method=maml_en_llm", "precision=bf16"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_config(None, ["method=maml_en_llm", "precision=bf16_query"])
+        load_config(None, ["method=maml_en_llm", "precision=bf16", "adapter.type=lora"])  # measured faithful with LoRA
+        load_config(None, ["method=metaicl", "precision=bf16"])

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -128,14 +127,6 @@ class MetaConfig:
                 "false for method " + self.method + " (recomputed activations would not see the adapted weights, which "
                 "silently corrupts meta-gradients; it is exact, and allowed, for metaicl)",
                 True,
-            )
-        if self.precision == "bf16" and self.method == "maml_en_llm":
-            warnings.warn(
-                "precision bf16 puts the inner loop under bf16 autocast, which moves second-order meta-gradients "
-                "far from fp32's while the Adam moments are young (SmolLM2, first step: cosine 0.39; after 20 steps: "
-                "0.9995; bench/precision.py); precision: bf16_query keeps the inner loop in fp32 (cosine >= 0.994 at both)",
-                UserWarning,
-                stacklevel=1,  # one place: shown once per process, however often a config is validated
             )
         if self.moment_policy != "none" and self.method in ("maml_en_llm", "fomaml", "reptile"):
             if not (self.inner_spec().has_moments and self.outer_spec().has_moments):
