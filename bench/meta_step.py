@@ -124,6 +124,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=3, help="timed steps per method (the median is reported)")
     ap.add_argument("--groups", default="full,lora,lora_k,lora_ray", help="row groups: " + ", ".join(GROUPS))
+    ap.add_argument("--measures", default="time,memory", help="time, memory or both (memory alone: a row's peak only)")
     ap.add_argument("--resume", action="store_true", help="keep the rows already in --out and measure the rest")
     ap.add_argument("--out", type=Path, default=Path("bench/results/meta_step.json"))
     ap.add_argument("--one", nargs=3, metavar=("MODEL", "SPEC", "MEASURE"), help=argparse.SUPPRESS)
@@ -149,13 +150,17 @@ def main() -> None:
                 cmd += ["--threads", str(args.threads)]
             row = {}
             measures = [("time", None)] + ([("memory", memory_env())] if spec[4] == "local" else [])
+            measures = [(m, env) for m, env in measures if m in args.measures.split(",")]
             for measure, env in measures:
                 one_cmd = [*cmd, "--one", model_name, json.dumps(list(spec)), measure]
                 proc = subprocess.run(one_cmd, capture_output=True, text=True, check=True, env=env)
                 row.update(json.loads(proc.stdout.strip().splitlines()[-1]))
+            row.setdefault("row", _row_name(list(spec)))
+            row.setdefault("model", model_name)
             rows.append(row)
             peak = f"peak +{row['peak_extra_mib']:8.0f} MiB" if "peak_extra_mib" in row else "peak (other processes)"
-            print(f"{model_name:10s} {row['row']:40s} {row['seconds']:8.2f} s  {peak}", flush=True)
+            secs = f"{row['seconds']:8.2f} s" if "seconds" in row else "(not timed)"
+            print(f"{model_name:10s} {row['row']:40s} {secs}  {peak}", flush=True)
             _save(args, rows)
     print(json.dumps(_save(args, rows), indent=2))
 
