@@ -16,7 +16,7 @@ from raymeta.core.meta import MetaConfig, MetaLearner, TaskBatch, task_meta_grad
 from raymeta.run.api import evaluate, train
 from raymeta.weights import AdapterConfig, WeightsConfig, prepare
 from tests.conftest import make_data_dir, tiny_gpt2, tiny_llama, tiny_train_overrides
-from tests.test_meta import V, _batch, _cfg, _objective, _outer_state
+from tests.test_meta import V, _batch, _cfg, _outer_state, assert_matches_finite_differences
 
 
 def _lora(model, r: int = 2, random_b: bool = True, target: str = "all-linear"):
@@ -44,17 +44,7 @@ def test_second_order_over_lora_adapters_matches_finite_differences(steps):
     batch = TaskBatch("t", _batch(1), _batch(2))
     result = task_meta_gradient(flm, params, outer, batch, cfg)
     assert set(result.grads) == set(params) and set(result.inner_state.m) == set(params)
-    g = torch.Generator().manual_seed(9)
-    h = 1e-6
-    for _ in range(3):
-        u = {n: torch.randn(p.shape, generator=g, dtype=torch.float64) for n, p in params.items()}
-        norm = torch.sqrt(sum(x.pow(2).sum() for x in u.values()))
-        u = {n: x / norm for n, x in u.items()}
-        plus = {n: p.detach() + h * u[n] for n, p in params.items()}
-        minus = {n: p.detach() - h * u[n] for n, p in params.items()}
-        fd = (_objective(flm, plus, outer, batch, cfg) - _objective(flm, minus, outer, batch, cfg)) / (2 * h)
-        analytic = float(sum((result.grads[n] * u[n]).sum() for n in params))
-        assert analytic == pytest.approx(fd, rel=1e-6, abs=1e-9), (analytic, fd)
+    assert_matches_finite_differences(flm, params, outer, batch, cfg, result, h=1e-6, rel=1e-6)
 
 
 @pytest.mark.parametrize("make", [tiny_gpt2, tiny_llama])
