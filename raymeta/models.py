@@ -84,7 +84,11 @@ def load_model(
     if is_adapter_folder(folder):
         base_spec = base_model or adapter_base(folder)
         base = load_model(base_spec, dtype=dtype, device=device, attn_implementation=attn_implementation, root=root)
-        adapted = load_adapter(base, folder, base_spec=base_spec, trainable=trainable, merge=merge)
+        # what adaptation evaluation (`--adapt-steps`) adapts: the adapters, or every weight once merged
+        adapted = load_adapter(base, folder, base_spec=base_spec, trainable=not merge, merge=merge)
+        if merge:
+            for p in adapted.parameters():
+                p.requires_grad_(True)
         return (adapted if trainable or merge else unwrap(adapted)).to(device).eval()
     kwargs: dict[str, Any] = {"dtype": _DTYPES[dtype], "local_files_only": True, "trust_remote_code": False}
     if attn_implementation:

@@ -171,3 +171,21 @@ def test_bf16_for_full_weight_second_order_warns_and_names_the_faithful_policy()
         load_config(None, ["method=maml_en_llm", "precision=bf16_query"])
         load_config(None, ["method=maml_en_llm", "precision=bf16", "adapter.type=lora"])  # measured faithful with LoRA
         load_config(None, ["method=metaicl", "precision=bf16"])
+
+
+def test_lora_run_validates_and_its_checkpoint_adapts_its_adapters(tmp_path, gpt2_tokenizer):
+    from raymeta.eval.adapt import AdaptConfig
+    from raymeta.eval.icl import EvalConfig
+
+    model_dir = tmp_path / "tiny-model"
+    tiny_gpt2().save_pretrained(model_dir)
+    gpt2_tokenizer.save_pretrained(model_dir)
+    data = make_data_dir(tmp_path / "data", k=4, n_train=3)
+    extra = ("steps=1", "validation.tasks=1", "validation.k=2", "validation.adapt_steps=1", "validation.test_examples=2")
+    final = train(_cfg_run(tmp_path, model_dir, data, "v", *extra), progress=False)
+    record = json.loads((tmp_path / "v" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert "val_score" in record and "val_adapt_score" in record  # scoring and adaptation of a PeftModel
+    cfg = EvalConfig(k=4, seeds=(100,), variants=("direct",), modes=("icl",), adapt=AdaptConfig(1, "adamw", 1e-2))
+    for merge in (False, True):  # adaptation adapts the adapters, or every weight once merged
+        out = evaluate(str(final), data=data, setting="toy", config=cfg, cache=False, merge=merge)
+        assert "direct/icl+adapt1" in out["runs"]

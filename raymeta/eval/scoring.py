@@ -50,7 +50,8 @@ class OptionScorer:
         self.prefix_cache = prefix_cache
         self.max_batch_tokens = max_batch_tokens
         self.device = next(model.parameters()).device
-        hf: Any = model  # a Hugging Face causal LM: body and output head
+        get_base = getattr(model, "get_base_model", None)  # a peft.PeftModel: the Hugging Face model inside it
+        hf: Any = get_base() if callable(get_base) else model  # a Hugging Face causal LM: body and output head
         self._base = hf.base_model
         self._head = hf.get_output_embeddings()
 
