@@ -114,7 +114,6 @@ def _realistic_checkpoint(steps: int, lora: bool) -> Path:
 
 def _smollm2_state(state: str, steps: int) -> tuple[Any, Any, Any]:
     """(model, tokenizer, outer AdamState) at the named state (`_lora`: LoRA r=16 on every linear layer)."""
-    import json as _json
 
     from raymeta.config import load_config
     from raymeta.core.lm import FunctionalLM
@@ -131,7 +130,7 @@ def _smollm2_state(state: str, steps: int) -> tuple[Any, Any, Any]:
     ckpt = _realistic_checkpoint(steps, lora)
     model = load_trainable("builtin", weights, resume=ckpt)
     names = list(FunctionalLM(model).params())
-    opt_step = _json.loads((ckpt / "state.json").read_text())["optimizer_step"]
+    opt_step = json.loads((ckpt / "state.json").read_text())["optimizer_step"]
     return model, tokenizer, load_optimizer(ckpt, names, opt_step)
 
 

@@ -13,10 +13,11 @@ from typing import Any
 
 import torch
 
+from raymeta.core.lm import hf_model
 from raymeta.errors import UserError
 from raymeta.paths import paths
 from raymeta.storage import is_uri, stage
-from raymeta.weights import BASE_FILE, WeightsConfig, is_adapter_folder, load_adapter, prepare, restrict, unwrap
+from raymeta.weights import BASE_FILE, WeightsConfig, is_adapter_folder, load_adapter, prepare, restrict
 
 __all__ = ["BUILTIN", "adapter_base", "check_weights", "load_model", "load_tokenizer", "load_trainable", "resolve_model_dir"]
 
@@ -89,7 +90,7 @@ def load_model(
         if merge:
             for p in adapted.parameters():
                 p.requires_grad_(True)
-        return (adapted if trainable or merge else unwrap(adapted)).to(device).eval()
+        return (adapted if trainable or merge else hf_model(adapted)).to(device).eval()
     kwargs: dict[str, Any] = {"dtype": _DTYPES[dtype], "local_files_only": True, "trust_remote_code": False}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation

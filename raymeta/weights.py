@@ -13,16 +13,19 @@ adapter is never silently evaluated on another base.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from raymeta.core.lm import hf_model
 from raymeta.errors import UserError
 
 __all__ = [
@@ -34,7 +37,7 @@ __all__ = [
     "is_adapter_folder",
     "load_adapter",
     "prepare",
-    "unwrap",
+    "restrict",
     "write_base_record",
 ]
 
@@ -81,24 +84,18 @@ class WeightsConfig:
                 ) from None
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The Hugging Face model inside a PeftModel (with its LoRA layers), or the model itself."""
-    get = getattr(model, "get_base_model", None)
-    return get() if callable(get) else model
-
-
 def _lora_config(a: AdapterConfig) -> Any:
     from peft import LoraConfig  # deferred: PEFT loads only for adapters
 
     return LoraConfig(r=a.r, lora_alpha=a.alpha, target_modules=a.modules(), lora_dropout=0.0, bias="none")
 
 
-def _quiet_peft() -> Any:
-    ctx = warnings.catch_warnings()
-    ctx.__enter__()
-    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecations, raised inside PEFT
-    warnings.filterwarnings("ignore", message="fan_in_fan_out is set to False")  # GPT-2's Conv1D: PEFT sets it
-    return ctx
+@contextlib.contextmanager
+def _quiet_peft() -> Iterator[None]:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecations, raised inside PEFT
+        warnings.filterwarnings("ignore", message="fan_in_fan_out is set to False")  # GPT-2's Conv1D: PEFT sets it
+        yield
 
 
 def prepare(model: torch.nn.Module, cfg: WeightsConfig, *, seed: int = 0, where: str = "config") -> torch.nn.Module:
@@ -107,16 +104,13 @@ def prepare(model: torch.nn.Module, cfg: WeightsConfig, *, seed: int = 0, where:
     if cfg.adapter.type == "lora":
         from peft import get_peft_model
 
-        ctx = _quiet_peft()
         try:
-            with torch.random.fork_rng(devices=[]):  # a run's initial adapters depend on its seed alone
+            # a run's initial adapters depend on its seed alone
+            with _quiet_peft(), torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 model = get_peft_model(model, _lora_config(cfg.adapter))  # type: ignore[arg-type]
-        except ValueError as e:
-            first = str(e).strip().splitlines()[0]
-            raise UserError(f"{first}", key="adapter.target_modules", where=where) from None
-        finally:
-            ctx.__exit__(None, None, None)
+        except ValueError as e:  # PEFT's "Target modules {...} not found in the base model"
+            raise UserError(str(e).strip().splitlines()[0], key="adapter.target_modules", where=where) from None
     else:
         for p in model.parameters():
             p.requires_grad_(True)
@@ -129,7 +123,7 @@ def restrict(model: torch.nn.Module, trainable: str | None, *, where: str = "con
     if trainable is None:
         return
     pattern = re.compile(trainable)
-    named = [(n, p) for n, p in unwrap(model).named_parameters() if p.requires_grad]
+    named = [(n, p) for n, p in hf_model(model).named_parameters() if p.requires_grad]
     kept = [n for n, _ in named if pattern.search(n)]
     if not kept:
         sample = ", ".join(n for n, _ in named[:3])
@@ -144,7 +138,7 @@ def restrict(model: torch.nn.Module, trainable: str | None, *, where: str = "con
 def base_fingerprint(model: torch.nn.Module) -> str:
     """A fingerprint of a base model's weights: names, shapes and a strided sample of every tensor's values."""
     h = hashlib.sha256()
-    for name, t in sorted(unwrap(model).state_dict().items()):
+    for name, t in sorted(hf_model(model).state_dict().items()):
         if ".lora_" in name:  # the adapter's own tensors: the fingerprint is the base's alone
             continue
         name = name.replace(".base_layer.", ".")  # a LoRA-wrapped layer's frozen weight, under its base name
@@ -176,9 +170,6 @@ def load_adapter(base: torch.nn.Module, folder: Path, *, base_spec: str, trainab
                 f"{record['fingerprint']}); {base_spec!r} has different weights",
                 key="base_model",
             )
-    ctx = _quiet_peft()
-    try:
+    with _quiet_peft():
         model: Any = PeftModel.from_pretrained(base, str(folder), is_trainable=trainable)
-    finally:
-        ctx.__exit__(None, None, None)
     return model.merge_and_unload() if merge else model

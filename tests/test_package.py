@@ -28,6 +28,7 @@ LAYERS = {
     "raymeta.config": 3,
     "raymeta.run": 4,
     "raymeta.tune": 5,
+    "raymeta.commands": 6,
     "raymeta.cli": 6,
     "raymeta.__main__": 6,
 }

@@ -21,7 +21,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from raymeta.errors import UserError
 
-__all__ = ["Batch", "FunctionalLM", "enable_activation_checkpointing", "sequence_losses", "span_positions"]
+__all__ = ["Batch", "FunctionalLM", "enable_activation_checkpointing", "hf_model", "sequence_losses", "span_positions"]
 
 Tensors = dict[str, torch.Tensor]
 
@@ -59,6 +59,12 @@ def sequence_losses(
     return torch.stack([part.mean() for part in token_loss.split(list(lengths))])
 
 
+def hf_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The Hugging Face model inside a `peft.PeftModel` (its LoRA layers in place), or the model itself."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
 class FunctionalLM:
     """A Hugging Face causal LM called with an explicit dict of weights (`torch.func.functional_call`).
 
@@ -72,10 +78,8 @@ class FunctionalLM:
     """
 
     def __init__(self, model: torch.nn.Module, *, math_attention: bool = True) -> None:
-        get_base = getattr(model, "get_base_model", None)  # a peft.PeftModel: its Hugging Face model
-        hf: Any = get_base() if callable(get_base) else model
-        model = hf
-        self.model = model
+        hf: Any = hf_model(model)
+        self.model: torch.nn.Module = hf
         self.base: torch.nn.Module = hf.base_model
         self.prefix = hf.base_model_prefix + "."
         named = dict(model.named_parameters())

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from raymeta.core.lm import sequence_losses, span_positions
+from raymeta.core.lm import hf_model, sequence_losses, span_positions
 from raymeta.data.prompts import Scored
 
 __all__ = ["OptionScorer"]
@@ -50,8 +50,7 @@ class OptionScorer:
         self.prefix_cache = prefix_cache
         self.max_batch_tokens = max_batch_tokens
         self.device = next(model.parameters()).device
-        get_base = getattr(model, "get_base_model", None)  # a peft.PeftModel: the Hugging Face model inside it
-        hf: Any = get_base() if callable(get_base) else model  # a Hugging Face causal LM: body and output head
+        hf: Any = hf_model(model)  # a Hugging Face causal LM (inside a PeftModel): body and output head
         self._base = hf.base_model
         self._head = hf.get_output_embeddings()
 

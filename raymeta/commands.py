@@ -1,0 +1,189 @@
+"""What each `raymeta` command does, once `raymeta.cli` has parsed its arguments.
+
+Each command imports what it needs when it runs: `raymeta --help` and bad arguments answer at once,
+without loading torch, transformers or Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from raymeta.errors import UserError
+
+__all__ = [
+    "cmd_cluster_check",
+    "cmd_data_bigbench",
+    "cmd_data_check",
+    "cmd_eval",
+    "cmd_fetch",
+    "cmd_table",
+    "cmd_train",
+    "cmd_tune",
+]
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    from raymeta.assets import fetch
+
+    _quiet_libraries()
+    fetch(args.home, progress=not args.quiet)
+    return 0
+
+
+def cmd_data_bigbench(args: argparse.Namespace) -> int:
+    from raymeta.data import bigbench
+    from raymeta.paths import paths
+
+    tarball = args.tarball or paths(args.home).bigbench_tarball
+    converted = bigbench.build(
+        tarball, args.tasks, args.out, ks=args.k, seeds=args.seeds, max_test=args.max_test, progress=not args.quiet
+    )
+    for t in converted:
+        note = f", {t.dropped} dropped (no single best option)" if t.dropped else ""
+        print(f"{t.name}: {t.task_type}, {len(t.examples)} examples{note}")
+    print(f"wrote {len(converted)} task(s) to {args.out}")
+    return 0
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from raymeta.data import DataDir
+
+    counts = DataDir(args.dir).check(args.setting, k=args.k, seeds=args.seeds)
+    print(
+        f"{args.dir}: OK - {counts['settings']} setting(s), {counts['train_tasks']} meta-train and "
+        f"{counts['test_tasks']} target task(s), {counts['files']} files, {counts['examples']} examples"
+    )
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from raymeta.core.device import resolve_device
+    from raymeta.data import open_data
+    from raymeta.eval.adapt import AdaptConfig
+    from raymeta.eval.icl import EvalConfig, LossCache, evaluate_setting
+    from raymeta.eval.report import markdown_table, plot_results
+    from raymeta.io import atomic_write_json, atomic_write_text
+    from raymeta.models import load_model, load_tokenizer
+    from raymeta.paths import paths
+
+    _quiet_libraries()
+    cfg = EvalConfig(
+        k=args.k,
+        seeds=args.seeds,
+        variants=args.variants,
+        modes=args.modes,
+        max_test_examples=args.max_test_examples,
+        newlines=not args.spaces,
+        prefix_cache=not args.naive,
+        truncation=args.truncation,
+        adapt=AdaptConfig(args.adapt_steps, args.adapt_optimizer, args.adapt_lr) if args.adapt_steps else None,
+    )
+    data = open_data(args.data, args.home)
+    setting = data.setting(args.setting)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    tokenizer = load_tokenizer(args.model, args.home)
+    model = load_model(args.model, dtype=args.dtype, device=device, root=args.home, base_model=args.base_model, merge=args.merge)
+    out = args.out or Path("runs") / f"eval-{setting.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    cache = None if args.no_cache else LossCache(paths(args.home).loss_cache)
+    started = time.time()
+    results = evaluate_setting(model, tokenizer, data, setting, cfg, cache=cache, progress=not args.quiet)
+    results["model"] = args.model
+    results["seconds"] = round(time.time() - started, 1)
+    results["command"] = " ".join(["raymeta", *sys.argv[1:]])
+    if cache is not None:
+        results["loss_cache"] = {"hits": cache.hits, "misses": cache.misses}
+    table = markdown_table(results, title=f"{setting.name} — {args.model}")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "results.json", results)
+    atomic_write_text(out / "results.md", table)
+    plot_results(results, out / "results.png")
+    print(table)
+    print(f"results: {out / 'results.json'}, {out / 'results.md'}, {out / 'results.png'} ({results['seconds']} s)")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from raymeta.config import load_config
+    from raymeta.run.api import train
+    from raymeta.run.report import metrics_table
+
+    _quiet_libraries()
+    cfg = load_config(args.config, args.overrides)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    final = train(cfg, resume=args.resume, progress=not args.quiet, root=args.home, address=args.address)
+    print(metrics_table(cfg.run.out))
+    print(f"final checkpoint: {final}  (evaluate it with: raymeta eval --model {final})")
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    import json
+
+    from raymeta.tune.run import run_sweep
+    from raymeta.tune.sweep import load_sweep
+
+    _quiet_libraries()
+    sweep = load_sweep(args.sweep, num_samples=args.num_samples, out=args.out)
+    summary = run_sweep(sweep, resume=args.resume, address=args.address, root=args.home, verbose=0 if args.quiet else 1)
+    print(json.dumps(summary, indent=2))
+    print(f"trials: {sweep.out / 'trials.csv'}  plots: {sweep.out}/{{objective,importance,parallel}}.png")
+    if sweep.remote:
+        print(f"(a local copy of {sweep.remote}: the trials' runs and the experiment state are there)")
+    if summary["best"] is not None:
+        print(f"best config: {sweep.out / 'best_config.yaml'}  (run it with: raymeta train {sweep.out / 'best_config.yaml'})")
+    return 0
+
+
+def cmd_cluster_check(args: argparse.Namespace) -> int:
+    from raymeta.cluster import check_cluster_file
+
+    worst = 0
+    for path in args.files:
+        report = check_cluster_file(path)
+        for line in report.errors:
+            print(f"raymeta: error: {path}: {line}", file=sys.stderr)
+        for line in report.warnings:
+            print(f"raymeta: warning: {path}: {line}", file=sys.stderr)
+        if report.errors:
+            worst = 2
+        else:
+            print(f"{path}: OK ({report.summary})")
+    return worst
+
+
+def cmd_table(args: argparse.Namespace) -> int:
+    import json
+
+    from raymeta.eval.report import comparison_table
+
+    named = []
+    for path in args.results:
+        file = path / "results.json" if path.is_dir() else path
+        try:
+            named.append((file.parent.name, json.loads(file.read_text())))
+        except (OSError, json.JSONDecodeError) as e:
+            raise UserError(f"{file}: not a readable results.json ({e})") from None
+        if "runs" not in named[-1][1]:
+            raise UserError(f"{file}: not a raymeta eval results.json (no 'runs')")
+    print(comparison_table(named))
+    return 0
