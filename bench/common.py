@@ -8,8 +8,10 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from importlib import metadata
 from typing import Any
+
+from raymeta import provenance
+from raymeta.provenance import cpu_model_and_flags
 
 __all__ = [
     "bench_model",
@@ -86,44 +88,11 @@ def rss_mb() -> float:
     return float("nan")
 
 
-def cpu_model_and_flags() -> dict[str, Any]:
-    """The CPU's model name and the flags that decide matmul speed (AVX2, AVX-512, AMX-BF16), from /proc/cpuinfo."""
-    model, flags = None, set()
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and model is None:
-                model = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = set(value.split())
-    except OSError:
-        pass
-    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
-    return {"cpu_model": model, "cpu_flags": [f for f in wanted if f in flags]}
-
-
 def environment() -> dict[str, Any]:
-    import torch
-
-    versions = {}
-    for pkg in ("raymeta", "torch", "transformers", "ray", "datasets", "numpy"):
-        try:
-            versions[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            versions[pkg] = None
-    return {
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            **cpu_model_and_flags(),
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        },
-        "versions": versions,
-    }
+    """raymeta's provenance record (versions, git commit, machine), with the command as the benchmark was run."""
+    env = provenance.environment()
+    env["command"] = " ".join([os.path.basename(sys.executable), *sys.argv])
+    return env
 
 
 def bench_model(name: str):  # type: ignore[no-untyped-def]

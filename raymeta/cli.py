@@ -1,4 +1,4 @@
-"""The `raymeta` command line: fetch, data (bigbench, check), train, tune, eval, table (the commands
+"""The `raymeta` command line: fetch, data (bigbench, check), train, tune, eval, table, compare (the commands
 themselves are in `raymeta.commands`).
 
 Bad input of any kind ends with one line on stderr naming the file, line or argument, and exit code 2.
@@ -40,6 +40,26 @@ def _str_list(text: str) -> tuple[str, ...]:
     if not values:
         raise argparse.ArgumentTypeError("expected a comma-separated list")
     return values
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+    return value
 
 
 def _positive(text: str) -> int:
@@ -119,6 +139,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=commands.cmd_table, parser=p)
 
     p = sub.add_parser(
+        "compare",
+        help="paired difference of two evaluations, with bootstrap 95%% CIs",
+        description="A − B for every prompt/mode both evaluations hold, over all targets and the unseen-domain "
+        "ones, with a paired bootstrap 95% CI (same tasks, seeds and test examples, refused otherwise); says which "
+        "differences are resolved and how many test examples per task would resolve ±HALF_WIDTH points.",
+    )
+    p.add_argument("a", type=Path, help="results.json of A (or its folder)")
+    p.add_argument("b", type=Path, help="results.json of B (or its folder)")
+    p.add_argument("--half-width", type=_positive_float, default=2.0, help="points to resolve for the power figure (default 2)")
+    p.add_argument("--json", type=Path, default=None, help="also write the comparison as JSON to this file")
+    p.set_defaults(func=commands.cmd_compare, parser=p)
+
+    p = sub.add_parser(
         "train",
         parents=[home],
         help="meta-train a model (maml_en_llm, fomaml, reptile, metaicl)",
@@ -152,8 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[home],
         help="zero-shot and k-shot ICL evaluation on a setting's target tasks",
         description="MetaICL's protocol: for each target task and seed, score every option, predict the lowest "
-        "loss, report macro-F1 (classification) or accuracy (multiple choice), mean and worst over seeds, for all "
-        "and unseen-domain targets. Writes results.json, results.md and results.png.",
+        "loss, report macro-F1 (classification) or accuracy (multiple choice), mean (with a bootstrap 95% CI) and "
+        "worst over seeds, for all and unseen-domain targets. Writes results.json, results.md and results.png "
+        "(and samples.jsonl with --log-samples); --workers N runs it on Ray.",
     )
     p.add_argument(
         "--model",
@@ -193,6 +227,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16")
     p.add_argument("--device", default="auto", help="auto (CUDA where there is one, else cpu; the default), cpu, cuda or cuda:N")
     p.add_argument("--threads", type=_positive, default=None, help="torch CPU threads")
+    p.add_argument(
+        "--workers",
+        type=_positive,
+        default=None,
+        help="spread the (variant, mode, task, seed) units over N Ray workers, each loading the model once "
+        "(default: all in this process)",
+    )
+    p.add_argument(
+        "--address",
+        default=None,
+        help="with --workers: join this Ray cluster (default: $RAY_ADDRESS, else an embedded local one)",
+    )
+    p.add_argument(
+        "--cpus-per-worker",
+        type=_positive_float,
+        default=None,
+        help="with --workers: CPUs per worker (default: the cluster's CPUs / N)",
+    )
+    p.add_argument("--gpus-per-worker", type=_non_negative_float, default=0.0, help="with --workers: GPUs per worker (default 0)")
+    p.add_argument(
+        "--log-samples",
+        action="store_true",
+        help="also write OUT/samples.jsonl: every test example's option losses and prediction",
+    )
     p.set_defaults(func=commands.cmd_eval, parser=p)
     return parser
 

@@ -16,6 +16,7 @@ from raymeta.errors import UserError
 
 __all__ = [
     "cmd_cluster_check",
+    "cmd_compare",
     "cmd_data_bigbench",
     "cmd_data_check",
     "cmd_eval",
@@ -75,11 +76,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from raymeta.core.device import resolve_device
     from raymeta.data import open_data
     from raymeta.eval.adapt import AdaptConfig
-    from raymeta.eval.icl import EvalConfig, LossCache, evaluate_setting
+    from raymeta.eval.icl import EvalConfig, LossCache, evaluate_setting, model_fingerprint
     from raymeta.eval.report import markdown_table, plot_results
     from raymeta.io import atomic_write_json, atomic_write_text
     from raymeta.models import load_model, load_tokenizer
     from raymeta.paths import paths
+    from raymeta.provenance import environment
 
     _quiet_libraries()
     cfg = EvalConfig(
@@ -95,27 +97,64 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
     data = open_data(args.data, args.home)
     setting = data.setting(args.setting)
+    out = args.out or Path("runs") / f"eval-{setting.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a folder", key="out")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    tokenizer = load_tokenizer(args.model, args.home)
-    model = load_model(args.model, dtype=args.dtype, device=device, root=args.home, base_model=args.base_model, merge=args.merge)
-    out = args.out or Path("runs") / f"eval-{setting.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    cache = None if args.no_cache else LossCache(paths(args.home).loss_cache)
+    cache_dir = None if args.no_cache else paths(args.home).loss_cache
+    samples: list[dict] | None = [] if args.log_samples else None
     started = time.time()
-    results = evaluate_setting(model, tokenizer, data, setting, cfg, cache=cache, progress=not args.quiet)
+    if args.workers is None:
+        tokenizer = load_tokenizer(args.model, args.home)
+        model = load_model(
+            args.model, dtype=args.dtype, device=device, root=args.home, base_model=args.base_model, merge=args.merge
+        )
+        cache = LossCache(cache_dir) if cache_dir is not None else None
+        results = evaluate_setting(model, tokenizer, data, setting, cfg, cache=cache, progress=not args.quiet, samples=samples)
+        if cache is not None:
+            results["loss_cache"] = {"hits": cache.hits, "misses": cache.misses}
+    else:
+        from raymeta.eval.parallel import ModelSource, evaluate_parallel
+
+        # the driver loads the model on the CPU once, for its fingerprint (the loss cache's key), and lets it go
+        model_id = model_fingerprint(
+            load_model(args.model, dtype=args.dtype, device="cpu", root=args.home, base_model=args.base_model, merge=args.merge)
+        )
+        source = ModelSource(
+            args.model, args.dtype, args.device, str(args.home) if args.home else None, args.base_model, args.merge
+        )
+        results = evaluate_parallel(
+            source,
+            data,
+            setting,
+            cfg,
+            model_id=model_id,
+            workers=args.workers,
+            address=args.address,
+            cpus_per_worker=args.cpus_per_worker,
+            gpus_per_worker=args.gpus_per_worker,
+            cache_dir=cache_dir,
+            progress=not args.quiet,
+            samples=samples,
+        )
     results["model"] = args.model
     results["seconds"] = round(time.time() - started, 1)
-    results["command"] = " ".join(["raymeta", *sys.argv[1:]])
-    if cache is not None:
-        results["loss_cache"] = {"hits": cache.hits, "misses": cache.misses}
+    results["provenance"] = environment(device)
+    results["provenance"]["command"] = " ".join(["raymeta", *sys.argv[1:]])
     table = markdown_table(results, title=f"{setting.name} — {args.model}")
     out.mkdir(parents=True, exist_ok=True)
+    if samples is not None:
+        import json
+
+        atomic_write_text(out / "samples.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in samples))
     atomic_write_json(out / "results.json", results)
     atomic_write_text(out / "results.md", table)
     plot_results(results, out / "results.png")
     print(table)
-    print(f"results: {out / 'results.json'}, {out / 'results.md'}, {out / 'results.png'} ({results['seconds']} s)")
+    extra = f", {out / 'samples.jsonl'}" if samples is not None else ""
+    print(f"results: {out / 'results.json'}, {out / 'results.md'}, {out / 'results.png'}{extra} ({results['seconds']} s)")
     return 0
 
 
@@ -172,18 +211,25 @@ def cmd_cluster_check(args: argparse.Namespace) -> int:
 
 
 def cmd_table(args: argparse.Namespace) -> int:
-    import json
+    from raymeta.eval.report import comparison_table, load_results
 
-    from raymeta.eval.report import comparison_table
-
-    named = []
-    for path in args.results:
-        file = path / "results.json" if path.is_dir() else path
-        try:
-            named.append((file.parent.name, json.loads(file.read_text())))
-        except (OSError, json.JSONDecodeError) as e:
-            raise UserError(f"{file}: not a readable results.json ({e})") from None
-        if "runs" not in named[-1][1]:
-            raise UserError(f"{file}: not a raymeta eval results.json (no 'runs')")
+    named = [(path.name if path.is_dir() else path.parent.name, load_results(path)) for path in args.results]
     print(comparison_table(named))
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from raymeta.eval.report import compare, compare_table, load_results
+
+    label_a = args.a.name if args.a.is_dir() else args.a.parent.name
+    label_b = args.b.name if args.b.is_dir() else args.b.parent.name
+    if label_a == label_b:
+        label_a, label_b = "A", "B"
+    comparison = compare(label_a, load_results(args.a), label_b, load_results(args.b), half_width=args.half_width / 100)
+    print(compare_table(comparison))
+    if args.json:
+        from raymeta.io import atomic_write_json
+
+        atomic_write_json(args.json, comparison)
+        print(f"comparison: {args.json}")
     return 0

@@ -90,8 +90,8 @@ def test_shared_truncation_cuts_the_demonstrations_once(gpt2_tokenizer, monkeypa
     scored: list = []
     real_score = icl.OptionScorer.score
     monkeypatch.setattr(icl.OptionScorer, "score", lambda self, seqs: scored.extend(seqs) or real_score(self, seqs))
-    preds, _ = icl._score_task_seed(tiny_gpt2(), builder, demos, tests, EvalConfig(k=4, truncation="shared"), "m", None)
-    assert len(preds) == 2 and len(scored) == 4
+    losses = icl._score_task_seed(tiny_gpt2(), builder, demos, tests, EvalConfig(k=4, truncation="shared"), "m", None)
+    assert len(losses) == 4 and len(scored) == 4
     prefixes = {s.prefix for s in scored}
     assert len(prefixes) == 1  # one shared, cacheable prefix
     (prefix,) = prefixes

@@ -18,6 +18,7 @@ LAYERS = {
     "raymeta.paths": 0,
     "raymeta.io": 0,
     "raymeta.storage": 0,
+    "raymeta.provenance": 0,
     "raymeta.core": 1,
     "raymeta.data": 2,
     "raymeta.models": 2,

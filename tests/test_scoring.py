@@ -80,3 +80,46 @@ def test_options_sharing_their_context_equal_naive(make):
     cached = OptionScorer(model, max_length=128).score(seqs)
     naive = OptionScorer(model, max_length=128, prefix_cache=False).score(seqs)
     assert cached == pytest.approx(naive, abs=1e-10)
+
+
+@pytest.mark.parametrize("make", [tiny_gpt2, tiny_llama])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"row_tokens": 16, "max_batch_tokens": 120},
+        {"batch_examples": False},
+        {"batch_examples": False, "max_batch_tokens": 120},
+    ],
+    ids=["packed", "packed-small-rows", "per-example", "per-example-small-budget"],
+)
+def test_batched_examples_equal_naive(make, attn, kw):
+    """Many test examples (stems of different lengths with options of 1-5 tokens) packed into rows on
+    the prefix's keys/values under a block mask; small rows and budgets cut them into several passes."""
+    model = make(vocab_size=89, dtype=torch.float64)
+    model.config._attn_implementation = attn
+    rng = random.Random(5)
+    prefix = tuple(rng.randrange(89) for _ in range(20))
+    seqs = []
+    for _ in range(9):
+        ctx = tuple(rng.randrange(89) for _ in range(rng.randint(1, 12)))
+        for _ in range(rng.randint(2, 4)):
+            seqs.append(Scored(prefix, ctx, tuple(rng.randrange(89) for _ in range(rng.randint(1, 5)))))
+    seqs += _random_seqs(5, prefix_len=20, vocab=89, seed=2)  # another prefix, one sequence per context
+    rng.shuffle(seqs)
+    scorer = OptionScorer(model, max_length=128, **kw)
+    assert scorer._packable
+    cached = scorer.score(seqs)
+    naive = OptionScorer(model, max_length=128, prefix_cache=False).score(seqs)
+    # Llama's eager attention takes its softmax in float32 even for a float64 model
+    assert cached == pytest.approx(naive, abs=1e-7 if (attn, make) == ("eager", tiny_llama) else 1e-10)
+
+
+def test_sliding_window_models_score_one_example_per_pass():
+    model = tiny_llama(vocab_size=89, dtype=torch.float64)
+    model.config.sliding_window = 4096  # a custom block mask would bypass the window: not packed
+    assert not OptionScorer(model, max_length=128)._packable
+    seqs = _random_seqs(6, prefix_len=20, vocab=89, seed=4)
+    cached = OptionScorer(model, max_length=128).score(seqs)
+    assert cached == pytest.approx(OptionScorer(model, max_length=128, prefix_cache=False).score(seqs), abs=1e-10)

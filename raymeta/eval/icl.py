@@ -1,10 +1,17 @@
-"""MetaICL's evaluation protocol: zero-shot and k-shot ICL over seeds, mean and worst case.
+"""MetaICL's evaluation protocol: zero-shot and k-shot ICL over seeds, mean and worst case, with 95 % CIs.
 
 For each target task and seed, the demonstrations are `{task}_{k}_{seed}_train.jsonl` and the test
 examples `{task}_{k}_{seed}_test.jsonl`; every option is scored by the mean cross-entropy of its
 scored span and the option with the lowest loss is the prediction. A task's score is macro-F1
 (classification) or accuracy (multiple choice) per seed; we report the mean and the worst seed per
-task, and their averages over tasks, for all targets and for the `unseen_domain_test` subset.
+task, and their averages over tasks, for all targets and for the `unseen_domain_test` subset. Every
+mean carries a bootstrap 95 % confidence interval (`raymeta.eval.stats`); the per-example predictions
+it is computed from are kept in the results, so `raymeta compare` can pair two evaluations.
+
+The work is cut into units, one per (variant, task, seed) and mode (both modes in one unit when the
+model is adapted first, since they share the adapted weights); `plan` makes them, `score_unit` runs one
+(in this process or in a Ray worker, `raymeta.eval.parallel`), `assemble` turns their results into the
+results dict, whatever order they finished in.
 """
 
 from __future__ import annotations
@@ -14,30 +21,36 @@ import hashlib
 import json
 import random
 import zlib
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from raymeta.data.layout import DEFAULT_SEEDS, DataDir, Example, Setting
-from raymeta.data.prompts import VARIANTS, PromptBuilder, PromptFormat, Scored, default_max_length
+from raymeta.data.layout import DEFAULT_SEEDS, Example, Setting
+from raymeta.data.prompts import VARIANTS, PromptBuilder, PromptFormat, default_max_length
 from raymeta.errors import UserError
+from raymeta.eval import stats
 from raymeta.eval.adapt import AdaptConfig, adapted
+from raymeta.eval.cache import LossCache, model_fingerprint
 from raymeta.eval.metrics import accuracy, macro_f1, task_metric
 from raymeta.eval.scoring import OptionScorer
-from raymeta.io import atomic_write_json
 
 __all__ = [
     "MODES",
     "EvalConfig",
     "LossCache",
-    "model_fingerprint",
+    "Unit",
+    "UnitResult",
+    "assemble",
+    "config_record",
     "evaluate_setting",
-    "predictions_from_losses",
     "gold_loss",
+    "model_fingerprint",
+    "plan",
+    "predictions_from_losses",
+    "score_unit",
 ]
 
 MODES = ("zero-shot", "icl")
@@ -86,61 +99,6 @@ def config_record(cfg: EvalConfig) -> dict[str, Any]:
     return json.loads(json.dumps(asdict(cfg)))
 
 
-def model_fingerprint(model: torch.nn.Module) -> str:
-    """A hash of the model's class, config and every parameter and buffer (so a changed weight is a miss)."""
-    h = hashlib.blake2b(digest_size=16)
-    h.update(type(model).__name__.encode())
-    config = getattr(model, "config", None)
-    if config is not None:
-        h.update(config.to_json_string(use_diff=False).encode())
-    for name, t in model.state_dict().items():
-        h.update(name.encode())
-        h.update(str(t.dtype).encode())
-        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-class LossCache:
-    """Per-option losses on disk, keyed by everything that changes them.
-
-    The key hashes the model fingerprint, the scorer's settings and the exact token ids of every
-    sequence (which covers task, seed, k, variant, truncation and tokenizer). Losses are stored as
-    JSON floats, which round-trip exactly, so a hit returns the very numbers a fresh run computed.
-    """
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.hits = 0
-        self.misses = 0
-
-    @staticmethod
-    def key(model_id: str, settings: dict[str, Any], seqs: Sequence[Scored]) -> str:
-        h = hashlib.sha256()
-        h.update(json.dumps({"model": model_id, **settings}, sort_keys=True).encode())
-        for s in seqs:
-            h.update(json.dumps([s.prefix, s.context, s.target]).encode())
-        return h.hexdigest()
-
-    def _path(self, key: str) -> Path:
-        return self.folder / key[:2] / f"{key}.json"
-
-    def get(self, key: str, n: int) -> list[float] | None:
-        path = self._path(key)
-        if path.is_file():
-            try:
-                losses = json.loads(path.read_text())["losses"]
-            except (json.JSONDecodeError, KeyError):
-                losses = None
-            if isinstance(losses, list) and len(losses) == n:
-                self.hits += 1
-                return [float(x) for x in losses]
-        self.misses += 1
-        return None
-
-    def put(self, key: str, losses: Sequence[float]) -> None:
-        atomic_write_json(self._path(key), {"losses": list(losses)})
-
-
 def _subsample(examples: list[Example], cfg: EvalConfig, task: str) -> list[Example]:
     """A seeded subset of the test examples, the same for every seed of a task (as MetaICL keeps one
     test set), so that the spread over seeds comes from the demonstrations alone."""
@@ -151,11 +109,77 @@ def _subsample(examples: list[Example], cfg: EvalConfig, task: str) -> list[Exam
     return [examples[i] for i in keep]
 
 
-@dataclass
-class _TaskData:
+@dataclass(frozen=True)
+class Unit:
+    """One piece of an evaluation: a (variant, task, seed) under one or more modes, with its examples."""
+
+    variant: str
+    task: str
     task_type: str
-    demos: dict[int, list[Example]] = field(default_factory=dict)
-    tests: dict[int, list[Example]] = field(default_factory=dict)
+    seed: int
+    modes: tuple[str, ...]
+    tests: tuple[Example, ...]
+    demos: tuple[Example, ...] | None  # needed for ICL and for adaptation
+
+
+@dataclass
+class UnitResult:
+    variant: str
+    mode: str
+    task: str
+    seed: int
+    score: float
+    gold_loss: float
+    predictions: list[int]  # the chosen option of each test example
+    losses: list[float]  # every option's loss, examples in order
+
+
+def plan(data: Any, setting: Setting, cfg: EvalConfig) -> list[Unit]:
+    """The units of an evaluation, in the order the in-process run takes them."""
+    units = []
+    need_demos = "icl" in cfg.modes or cfg.adapt is not None
+    per_mode = [cfg.modes] if cfg.adapt is not None else [(m,) for m in cfg.modes]
+    loaded = {}
+    for task in setting.test:
+        task_type = data.task_meta(task)["task_type"]
+        for seed in cfg.seeds:
+            tests = tuple(_subsample(data.test_examples(task, cfg.k, seed), cfg, task))
+            demos = tuple(data.demonstrations(task, cfg.k, seed)) if need_demos else None
+            loaded[task, seed] = (task_type, tests, demos)
+    for variant in cfg.variants:
+        for task in setting.test:
+            for seed in cfg.seeds:
+                task_type, tests, demos = loaded[task, seed]
+                for modes in per_mode:
+                    units.append(Unit(variant, task, task_type, seed, modes, tests, demos))
+    return units
+
+
+def _builder(tokenizer: Any, cfg: EvalConfig, variant: str, k: int) -> PromptBuilder:
+    fmt = PromptFormat(variant, cfg.max_length_per_example, default_max_length(k, cfg.max_length_per_example), cfg.newlines)  # type: ignore[arg-type]
+    return PromptBuilder(tokenizer, fmt)
+
+
+def score_unit(
+    model: torch.nn.Module, tokenizer: Any, unit: Unit, cfg: EvalConfig, model_id: str, cache: LossCache | None
+) -> list[UnitResult]:
+    """Score one unit: adapt first when asked (restoring the weights after), then each of its modes."""
+    metric = macro_f1 if task_metric(unit.task_type) == "macro_f1" else accuracy
+    out = []
+    with contextlib.ExitStack() as stack:
+        run_id = model_id
+        if cfg.adapt is not None:
+            assert unit.demos is not None
+            key = stack.enter_context(adapted(model, _builder(tokenizer, cfg, unit.variant, cfg.k), unit.demos, cfg.adapt))
+            run_id = f"{model_id}+adapt:{key}"
+        for mode in unit.modes:
+            builder = _builder(tokenizer, cfg, unit.variant, cfg.k if mode == "icl" else 0)
+            demos = list(unit.demos) if mode == "icl" and unit.demos is not None else None
+            losses = _score_task_seed(model, builder, demos, list(unit.tests), cfg, run_id, cache)
+            chosen = _choices(unit.tests, losses)
+            value = metric([ex.options[c] for ex, c in zip(unit.tests, chosen)], [ex.output for ex in unit.tests])
+            out.append(UnitResult(unit.variant, mode, unit.task, unit.seed, value, gold_loss(unit.tests, losses), chosen, losses))
+    return out
 
 
 def _score_task_seed(
@@ -166,9 +190,8 @@ def _score_task_seed(
     cfg: EvalConfig,
     model_id: str,
     cache: LossCache | None,
-) -> tuple[list[str], float]:
-    """Predictions for the test examples of one (task, seed) under one prompt format, and the mean
-    loss of the gold option."""
+) -> list[float]:
+    """Every option's loss for the test examples of one (task, seed) under one prompt format."""
     prefix = builder.demonstrations(demos) if demos else []
     per_example = [builder.test_sequences(ex, prefix) for ex in tests]
     max_length = builder.fmt.max_length
@@ -183,6 +206,7 @@ def _score_task_seed(
         "max_length": max_length,
         "allow_truncation": demos is not None,
         "prefix_cache": cfg.prefix_cache,
+        "scorer": "packed" if cfg.prefix_cache else "naive",
         "dtype": str(next(model.parameters()).dtype),
     }
     key = LossCache.key(model_id, settings, flat) if cache is not None else ""
@@ -198,7 +222,17 @@ def _score_task_seed(
         losses = scorer.score(flat)
         if cache is not None:
             cache.put(key, losses)
-    return predictions_from_losses(tests, losses), gold_loss(tests, losses)
+    return losses
+
+
+def _choices(tests: Sequence[Example], losses: Sequence[float]) -> list[int]:
+    """The index of the option with the lowest loss for each example (the first on a tie)."""
+    chosen, at = [], 0
+    for ex in tests:
+        option_losses = losses[at : at + len(ex.options)]
+        at += len(ex.options)
+        chosen.append(min(range(len(ex.options)), key=option_losses.__getitem__))
+    return chosen
 
 
 def gold_loss(tests: Sequence[Example], losses: Sequence[float]) -> float:
@@ -212,26 +246,117 @@ def gold_loss(tests: Sequence[Example], losses: Sequence[float]) -> float:
 
 def predictions_from_losses(tests: Sequence[Example], losses: Sequence[float]) -> list[str]:
     """The option with the lowest loss for each example, from the losses of all options in order."""
-    predictions, at = [], 0
+    return [ex.options[c] for ex, c in zip(tests, _choices(tests, losses))]
+
+
+def _labels(tests: Sequence[Example], metric: str) -> tuple[list[str] | None, dict[str, int] | None]:
+    """For macro-F1, ids of the labels (every option of the task, first seen first); None for accuracy."""
+    if metric != "macro_f1":
+        return None, None
+    labels = list(dict.fromkeys(o for ex in tests for o in ex.options))
+    return labels, {label: i for i, label in enumerate(labels)}
+
+
+def _test_hash(tests: Sequence[Example]) -> str:
+    h = hashlib.sha256()
     for ex in tests:
-        option_losses = losses[at : at + len(ex.options)]
-        at += len(ex.options)
-        predictions.append(ex.options[min(range(len(ex.options)), key=option_losses.__getitem__)])
-    return predictions
+        h.update(json.dumps(ex.to_json(), sort_keys=True, ensure_ascii=False).encode())
+    return h.hexdigest()[:16]
 
 
-def _summarise(per_task: dict[str, dict[str, Any]], tasks: Sequence[str]) -> dict[str, Any] | None:
+def _summarise(per_task: dict[str, dict[str, Any]], tasks: Sequence[str], run: dict[str, Any]) -> dict[str, Any] | None:
     if not tasks:
         return None
     means = [per_task[t]["mean"] for t in tasks]
     worsts = [per_task[t]["worst"] for t in tasks]
-    return {"mean": sum(means) / len(means), "worst": sum(worsts) / len(worsts), "n_tasks": len(tasks)}
+    return {
+        "mean": sum(means) / len(means),
+        "ci95": stats.summary_ci(run, tasks),
+        "worst": sum(worsts) / len(worsts),
+        "n_tasks": len(tasks),
+    }
+
+
+def assemble(
+    setting: Setting, cfg: EvalConfig, units: Sequence[Unit], results: Iterable[UnitResult], model_id: str
+) -> dict[str, Any]:
+    """The results dict (JSON-able) from the units and their results (in any order)."""
+    by_key = {(r.variant, r.mode, r.task, r.seed): r for r in results}
+    unit_of = {(u.task, u.seed): u for u in units}
+    suffix = f"+adapt{cfg.adapt.steps}" if cfg.adapt is not None else ""
+    runs: dict[str, Any] = {}
+    for variant in cfg.variants:
+        for mode in cfg.modes:
+            per_task: dict[str, dict[str, Any]] = {}
+            for task in setting.test:
+                first = unit_of[task, cfg.seeds[0]]
+                metric = task_metric(first.task_type)
+                labels, ids = _labels(first.tests, metric)
+                rs = [by_key[variant, mode, task, seed] for seed in cfg.seeds]
+                values = [r.score for r in rs]
+                tests = {seed: unit_of[task, seed].tests for seed in cfg.seeds}
+                per_task[task] = {
+                    "metric": metric,
+                    "n_test": len(first.tests),
+                    "seeds": {str(r.seed): r.score for r in rs},
+                    "mean": sum(values) / len(values),
+                    "worst": min(values),
+                    "gold_loss": sum(r.gold_loss for r in rs) / len(rs),
+                    "test_hash": _test_hash([ex for seed in cfg.seeds for ex in tests[seed]]),
+                    "labels": labels,
+                    # per seed, per test example: the predicted and the correct option (label ids for macro-F1)
+                    "predictions": {
+                        str(r.seed): [ids[ex.options[c]] if ids else c for ex, c in zip(tests[r.seed], r.predictions)] for r in rs
+                    },
+                    "gold": {
+                        str(seed): [ids[ex.output] if ids else ex.options.index(ex.output) for ex in tests[seed]]
+                        for seed in cfg.seeds
+                    },
+                }
+                if len({len(t) for t in tests.values()}) == 1:
+                    per_task[task]["ci95"] = stats.task_ci(per_task[task], task)
+            run = {"per_task": per_task}
+            run["all"] = _summarise(per_task, setting.test, run)
+            run["unseen_domain"] = _summarise(per_task, setting.unseen_domain_test, run)
+            runs[f"{variant}/{mode}{suffix}"] = run
+    return {
+        "setting": setting.name,
+        "targets": list(setting.test),
+        "unseen_domain_test": list(setting.unseen_domain_test),
+        "model_fingerprint": model_id,
+        "config": config_record(cfg),
+        "ci95_method": stats.METHOD.format(n=stats.REPLICATES, seed=stats.SEED),
+        "runs": runs,
+    }
+
+
+def sample_records(units: Sequence[Unit], results: Iterable[UnitResult], cfg: EvalConfig) -> Iterable[dict[str, Any]]:
+    """One record per scored test example: its option losses, the prediction and the gold output."""
+    suffix = f"+adapt{cfg.adapt.steps}" if cfg.adapt is not None else ""
+    tests = {(u.task, u.seed): u.tests for u in units}
+    for r in sorted(results, key=lambda r: (r.variant, r.mode, r.task, r.seed)):
+        at = 0
+        for i, (ex, c) in enumerate(zip(tests[r.task, r.seed], r.predictions)):
+            losses = r.losses[at : at + len(ex.options)]
+            at += len(ex.options)
+            yield {
+                "run": f"{r.variant}/{r.mode}{suffix}",
+                "task": r.task,
+                "seed": r.seed,
+                "index": i,
+                "input": ex.input,
+                "options": list(ex.options),
+                "option_losses": losses,
+                "prediction": ex.options[c],
+                "gold": ex.output,
+                "correct": ex.options[c] == ex.output,
+            }
 
 
 def evaluate_setting(
     model: torch.nn.Module,
     tokenizer: Any,
-    data: DataDir,
+    data: Any,
     setting: Setting,
     cfg: EvalConfig,
     *,
@@ -239,80 +364,23 @@ def evaluate_setting(
     cache: LossCache | None = None,
     progress: bool = True,
     on_result: Callable[[str, str, int, float], None] | None = None,
+    samples: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Evaluate a model on the target tasks of a setting; returns the results as a JSON-able dict."""
+    """Evaluate a model on the target tasks of a setting in this process; returns the results as a
+    JSON-able dict. `data` is a `DataDir` (or anything with its `task_meta`, `test_examples` and
+    `demonstrations`); when `samples` is a list, every test example's record is appended to it."""
     model.eval()
     model_id = model_id or model_fingerprint(model)
-    tasks: dict[str, _TaskData] = {}
-    for task in setting.test:
-        meta = data.task_meta(task)
-        td = _TaskData(task_type=meta["task_type"])
-        for seed in cfg.seeds:
-            td.tests[seed] = _subsample(data.test_examples(task, cfg.k, seed), cfg, task)
-            if "icl" in cfg.modes or cfg.adapt is not None:
-                td.demos[seed] = data.demonstrations(task, cfg.k, seed)
-        tasks[task] = td
-
+    units = plan(data, setting, cfg)
     suffix = f"+adapt{cfg.adapt.steps}" if cfg.adapt is not None else ""
-    builders = {}
-    for variant in cfg.variants:
-        for mode in cfg.modes:
-            max_length = default_max_length(cfg.k if mode == "icl" else 0, cfg.max_length_per_example)
-            fmt = PromptFormat(variant, cfg.max_length_per_example, max_length, cfg.newlines)  # type: ignore[arg-type]
-            builders[variant, mode] = PromptBuilder(tokenizer, fmt)
-    icl_max_length = default_max_length(cfg.k, cfg.max_length_per_example)
-    scores: dict[tuple[str, str, str], dict[str, float]] = {}
-    gold_losses: dict[tuple[str, str, str], list[float]] = {}
-    bar = tqdm(
-        total=len(builders) * len(tasks) * len(cfg.seeds), desc=f"evaluating {setting.name}", unit="run", disable=not progress
-    )
-    for variant in cfg.variants:
-        for task, td in tasks.items():
-            metric = macro_f1 if task_metric(td.task_type) == "macro_f1" else accuracy
-            for seed in cfg.seeds:
-                with contextlib.ExitStack() as stack:
-                    run_id = model_id
-                    if cfg.adapt is not None:
-                        fmt = PromptFormat(variant, cfg.max_length_per_example, icl_max_length, cfg.newlines)  # type: ignore[arg-type]
-                        key = stack.enter_context(adapted(model, PromptBuilder(tokenizer, fmt), td.demos[seed], cfg.adapt))
-                        run_id = f"{model_id}+adapt:{key}"
-                    for mode in cfg.modes:
-                        demos = td.demos[seed] if mode == "icl" else None
-                        tests = td.tests[seed]
-                        preds, gold = _score_task_seed(model, builders[variant, mode], demos, tests, cfg, run_id, cache)
-                        value = metric(preds, [ex.output for ex in tests])
-                        scores.setdefault((variant, mode, task), {})[str(seed)] = value
-                        gold_losses.setdefault((variant, mode, task), []).append(gold)
-                        if on_result is not None:
-                            on_result(f"{variant}/{mode}{suffix}", task, seed, value)
-                        bar.update(1)
-
-    runs: dict[str, Any] = {}
-    for variant in cfg.variants:
-        for mode in cfg.modes:
-            per_task: dict[str, dict[str, Any]] = {}
-            for task, td in tasks.items():
-                seeds = scores[variant, mode, task]
-                values = list(seeds.values())
-                per_task[task] = {
-                    "metric": task_metric(td.task_type),
-                    "n_test": len(td.tests[cfg.seeds[0]]),
-                    "seeds": seeds,
-                    "mean": sum(values) / len(values),
-                    "worst": min(values),
-                    "gold_loss": sum(gold_losses[variant, mode, task]) / len(cfg.seeds),
-                }
-            runs[f"{variant}/{mode}{suffix}"] = {
-                "per_task": per_task,
-                "all": _summarise(per_task, setting.test),
-                "unseen_domain": _summarise(per_task, setting.unseen_domain_test),
-            }
-    bar.close()
-    return {
-        "setting": setting.name,
-        "targets": list(setting.test),
-        "unseen_domain_test": list(setting.unseen_domain_test),
-        "model_fingerprint": model_id,
-        "config": config_record(cfg),
-        "runs": runs,
-    }
+    results: list[UnitResult] = []
+    with tqdm(total=len(units), desc=f"evaluating {setting.name}", unit="run", disable=not progress) as bar:
+        for unit in units:
+            for r in score_unit(model, tokenizer, unit, cfg, model_id, cache):
+                results.append(r)
+                if on_result is not None:
+                    on_result(f"{r.variant}/{r.mode}{suffix}", r.task, r.seed, r.score)
+            bar.update(1)
+    if samples is not None:
+        samples.extend(sample_records(units, results, cfg))
+    return assemble(setting, cfg, units, results, model_id)

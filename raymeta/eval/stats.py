@@ -1,0 +1,142 @@
+"""Confidence intervals, paired comparisons and a power figure for MetaICL-protocol results, by bootstrap.
+
+Resampling unit: within each target task, the test examples (one draw of example indices per task,
+shared by all its seeds: MetaICL keeps one test set per task and only the demonstrations change with
+the seed) and the seeds (drawn with replacement); the target tasks are fixed (they are the
+population the claim is about). A replicate recomputes each drawn seed's metric (macro-F1 is not a mean
+over examples, so it is recomputed from the drawn predictions), averages over the drawn seeds, then over
+tasks. The interval is the 2.5 and 97.5 percentiles of `REPLICATES` replicates.
+
+The draws depend only on the task's name, its number of test examples and seeds, and `SEED`, so they
+are reproducible, and two evaluations of the same tasks, seeds and test examples get the very same
+draws: `paired` takes the difference replicate by replicate (a paired bootstrap).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = ["REPLICATES", "SEED", "METHOD", "Draws", "draws", "task_replicates", "summary_ci", "paired", "examples_needed"]
+
+REPLICATES = 2000
+SEED = 0
+METHOD = (
+    "percentile bootstrap, {n} replicates, seed {seed}: test examples resampled within each task (one draw shared "
+    "by its seeds) and seeds resampled with replacement; tasks fixed"
+)
+
+
+class Draws:
+    """Multiplicity weights of one task's bootstrap draws: `examples` (B, n) and `seeds` (B, S)."""
+
+    def __init__(self, examples: np.ndarray, seeds: np.ndarray) -> None:
+        self.examples = examples
+        self.seeds = seeds
+
+
+def _multiplicities(rng: np.random.Generator, b: int, n: int) -> np.ndarray:
+    idx = rng.integers(0, n, size=(b, n))
+    w = np.zeros((b, n))
+    np.add.at(w, (np.arange(b)[:, None], idx), 1.0)
+    return w
+
+
+def draws(task: str, n: int, s: int, *, resample: str = "both", replicates: int = REPLICATES) -> Draws:
+    """The task's draws; `resample` "examples" or "seeds" keeps the other fixed (weights of one)."""
+    rng = np.random.default_rng([SEED, zlib.crc32(task.encode()), n, s])
+    ex = _multiplicities(rng, replicates, n)
+    sd = _multiplicities(rng, replicates, s)
+    if resample == "examples":
+        sd = np.ones_like(sd)
+    elif resample == "seeds":
+        ex = np.ones_like(ex)
+    return Draws(ex, sd)
+
+
+def _metric(record: dict[str, Any], w: np.ndarray) -> np.ndarray:
+    """(B, S): each replicate's metric for each seed, examples weighted by `w` (B, n)."""
+    seeds = list(record["seeds"])
+    pred = np.array([record["predictions"][s] for s in seeds])  # (S, n)
+    gold = np.array([record["gold"][s] for s in seeds])  # (S, n): the same rows when the test set is shared
+    if record["metric"] == "accuracy":
+        return (w @ (pred == gold).T.astype(float)) / w.sum(1, keepdims=True)
+    labels = int(max(pred.max(), gold.max())) + 1
+    p = np.eye(labels)[pred]  # (S, n, L)
+    g = np.eye(labels)[gold]  # (S, n, L)
+    tp = np.einsum("bi,sil->bsl", w, p * g)
+    n_pred = np.einsum("bi,sil->bsl", w, p)
+    n_gold = np.einsum("bi,sil->bsl", w, g)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = np.where(n_pred > 0, tp / n_pred, 1.0)  # MetaICL's convention (see metrics.macro_f1)
+        recall = np.where(n_gold > 0, tp / n_gold, 0.0)
+        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
+    present = n_gold > 0
+    return (f1 * present).sum(-1) / present.sum(-1)
+
+
+def task_replicates(record: dict[str, Any], task: str, *, resample: str = "both") -> np.ndarray:
+    """(B,) bootstrap replicates of the task's mean over seeds."""
+    n, s = record["n_test"], len(record["seeds"])
+    d = draws(task, n, s, resample=resample)
+    return (_metric(record, d.examples) * d.seeds).sum(1) / s
+
+
+def _ci(reps: np.ndarray) -> list[float]:
+    lo, hi = np.percentile(reps, [2.5, 97.5])
+    return [float(lo), float(hi)]
+
+
+def run_replicates(run: dict[str, Any], tasks: Sequence[str], *, resample: str = "both") -> np.ndarray:
+    """(B,) replicates of the mean over `tasks` of one run (a `runs[name]` entry of results)."""
+    return np.mean([task_replicates(run["per_task"][t], t, resample=resample) for t in tasks], axis=0)
+
+
+def summary_ci(run: dict[str, Any], tasks: Sequence[str]) -> list[float] | None:
+    return _ci(run_replicates(run, tasks)) if tasks else None
+
+
+def task_ci(record: dict[str, Any], task: str) -> list[float]:
+    return _ci(task_replicates(record, task))
+
+
+def paired(run_a: dict[str, Any], run_b: dict[str, Any], tasks: Sequence[str]) -> dict[str, Any]:
+    """A − B over `tasks`: the difference of the means, its paired 95 % CI, and whether it is resolved."""
+    diff = run_replicates(run_a, tasks) - run_replicates(run_b, tasks)
+    point = float(np.mean([run_a["per_task"][t]["mean"] - run_b["per_task"][t]["mean"] for t in tasks]))
+    lo, hi = _ci(diff)
+    return {"a": _mean(run_a, tasks), "b": _mean(run_b, tasks), "diff": point, "ci95": [lo, hi], "resolved": lo > 0 or hi < 0}
+
+
+def _mean(run: dict[str, Any], tasks: Sequence[str]) -> float:
+    return float(np.mean([run["per_task"][t]["mean"] for t in tasks]))
+
+
+def examples_needed(
+    run_a: dict[str, Any], run_b: dict[str, Any] | None, tasks: Sequence[str], half_width: float = 0.02
+) -> dict[str, Any]:
+    """How many test examples per task a 95 % CI of ±`half_width` needs (of A − B when B is given).
+
+    The bootstrap variance is split into a part from the test examples (resampled with the seeds fixed),
+    which shrinks as 1/n, and a part from the seeds (resampled with the examples fixed), which does not:
+    var(n') ≈ var_examples · n / n' + var_seeds. None when the seeds alone leave the interval wider."""
+
+    def reps(resample: str) -> np.ndarray:
+        r = run_replicates(run_a, tasks, resample=resample)
+        return r - run_replicates(run_b, tasks, resample=resample) if run_b is not None else r
+
+    n = min(run_a["per_task"][t]["n_test"] for t in tasks)
+    var_e, var_s = float(np.var(reps("examples"))), float(np.var(reps("seeds")))
+    target = (half_width / 1.96) ** 2
+    needed = None if var_s >= target else int(np.ceil(n * var_e / (target - var_s)))
+    return {
+        "half_width": half_width,
+        "n_test_now": n,
+        "half_width_now": float(1.96 * np.sqrt(var_e + var_s)),
+        "var_examples": var_e,
+        "var_seeds": var_s,
+        "n_test_needed": needed,
+    }
