@@ -149,15 +149,23 @@ def _evaluate(label: str, model_spec: str, out: Path, size: dict[str, Any], args
         adapt=AdaptConfig(size["adapt_steps"]) if adapt else None,
     )
     model = load_model(model_spec)
-    tokenizer = load_tokenizer(model_spec)
     fingerprint = model_fingerprint(model)
     if path.is_file():  # a finished evaluation is reused only for the very same weights, setting and protocol
         cached = json.loads(path.read_text())
         same = (cached.get("model_fingerprint"), cached.get("setting"), cached.get("config"))
-        if same == (fingerprint, setting.name, config_record(cfg)):
+        if same == (fingerprint, setting.name, config_record(cfg)) and "ci95_method" in cached:  # with predictions
             return cached
-    cache = LossCache(paths().loss_cache)
-    results = evaluate_setting(model, tokenizer, data, setting, cfg, model_id=fingerprint, cache=cache)
+    if args.eval_workers:
+        from raymeta.run.parallel_eval import ModelSource, evaluate_parallel
+
+        del model
+        source = ModelSource(model_spec, device="cpu")
+        results = evaluate_parallel(
+            source, data, setting, cfg, model_id=fingerprint, workers=args.eval_workers, cache_dir=paths().loss_cache
+        )
+    else:
+        cache = LossCache(paths().loss_cache)
+        results = evaluate_setting(model, load_tokenizer(model_spec), data, setting, cfg, model_id=fingerprint, cache=cache)
     results["model"] = label
     atomic_write_json(path, results)
     return results
@@ -176,29 +184,49 @@ def _rows(evals: dict[str, dict]) -> list[dict[str, Any]]:
                     "variant": variant,
                     "mode": mode,
                     "all_mean": 100 * r["all"]["mean"],
+                    "all_ci95": [100 * x for x in r["all"]["ci95"]],
                     "all_worst": 100 * r["all"]["worst"],
                     "unseen_mean": 100 * u["mean"] if u else None,
+                    "unseen_ci95": [100 * x for x in u["ci95"]] if u else None,
                     "unseen_worst": 100 * u["worst"] if u else None,
                 }
             )
     return rows
 
 
-def _claims(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _claims(evals: dict[str, dict]) -> list[dict[str, Any]]:
+    """Each claim per prompt variant: the paired difference on the unseen-domain targets with its bootstrap
+    95 % CI (`raymeta compare`), whether the point estimate reaches the paper's threshold, whether the
+    difference is resolved (the CI excludes 0), and how many test examples per task would resolve ±2."""
+    from raymeta.eval import stats
+
     out = []
     for name, cand, base, mode, threshold in CLAIMS:
+        a, b = (
+            evals.get(cand + ("+adapt" if mode == "icl+adapt" else "")),
+            evals.get(base + ("+adapt" if mode == "icl+adapt" else "")),
+        )
+        if a is None or b is None or not a["unseen_domain_test"]:
+            continue
         for variant in ("direct", "channel"):
-            a = next((r for r in rows if r["model"] == cand and r["variant"] == variant and r["mode"] == mode), None)
-            b = next((r for r in rows if r["model"] == base and r["variant"] == variant and r["mode"] == mode), None)
-            if a is None or b is None or a["unseen_mean"] is None or b["unseen_mean"] is None:
+            run = next(
+                (r for r in a["runs"] if r.startswith(f"{variant}/icl") and ("+adapt" in r) == (mode == "icl+adapt")), None
+            )
+            if run is None or run not in b["runs"]:
                 continue
-            diff = a["unseen_mean"] - b["unseen_mean"]
+            tasks = a["unseen_domain_test"]
+            p = stats.paired(a["runs"][run], b["runs"][run], tasks)
+            power = stats.examples_needed(a["runs"][run], b["runs"][run], tasks)
             out.append(
                 {
                     "claim": f"{cand} >= {base} + {threshold:g} on unseen-domain targets ({name})",
                     "variant": variant,
-                    "difference_points": diff,
-                    "holds": diff >= threshold,
+                    "difference_points": 100 * p["diff"],
+                    "ci95_points": [100 * x for x in p["ci95"]],
+                    "holds": 100 * p["diff"] >= threshold,
+                    "resolved": p["resolved"],
+                    "threshold_in_ci": 100 * p["ci95"][0] <= threshold <= 100 * p["ci95"][1],
+                    "n_test_for_2_points": power["n_test_needed"],
                 }
             )
     return out
@@ -208,16 +236,33 @@ def _markdown(rows: list[dict[str, Any]], claims: list[dict[str, Any]], title: s
     def f(x: float | None) -> str:
         return "–" if x is None else f"{x:.1f}"
 
-    lines = [f"### {title}", "", "| model | prompt | mode | all: mean | all: worst | unseen: mean | unseen: worst |"]
+    def ci(x: list[float] | None) -> str:
+        return "" if x is None else f" [{x[0]:.1f}, {x[1]:.1f}]"
+
+    lines = [
+        f"### {title}",
+        "",
+        "| model | prompt | mode | all: mean [95% CI] | all: worst | unseen: mean [95% CI] | unseen: worst |",
+    ]
     lines.append("|---|---|---|---:|---:|---:|---:|")
     for r in rows:
         lines.append(
-            f"| {r['model']} | {r['variant']} | {r['mode']} | {f(r['all_mean'])} | {f(r['all_worst'])} | "
-            f"{f(r['unseen_mean'])} | {f(r['unseen_worst'])} |"
+            f"| {r['model']} | {r['variant']} | {r['mode']} | {f(r['all_mean'])}{ci(r.get('all_ci95'))} | {f(r['all_worst'])} | "
+            f"{f(r['unseen_mean'])}{ci(r.get('unseen_ci95'))} | {f(r['unseen_worst'])} |"
         )
-    lines += ["", "| paper's claim | prompt | measured difference (points) | holds here |", "|---|---|---:|---|"]
+    lines += [
+        "",
+        "| paper's claim | prompt | difference (points) [paired 95% CI] | reaches the threshold | resolved (CI excludes 0) "
+        "| test examples per task for ±2 |",
+        "|---|---|---:|---|---|---:|",
+    ]
     for c in claims:
-        lines.append(f"| {c['claim']} | {c['variant']} | {c['difference_points']:+.1f} | {'yes' if c['holds'] else 'no'} |")
+        lo, hi = c["ci95_points"]
+        need = c["n_test_for_2_points"] if c["n_test_for_2_points"] is not None else "more seeds"
+        lines.append(
+            f"| {c['claim']} | {c['variant']} | {c['difference_points']:+.1f} [{lo:+.1f}, {hi:+.1f}] | "
+            f"{'yes' if c['holds'] else 'no'} | {'yes' if c['resolved'] else 'no'} | {need} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -268,6 +313,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--core-only", action="store_true", help="skip the adaptation and limited-data runs (the methods' ICL rows only)"
     )
+    ap.add_argument(
+        "--eval-workers", type=int, default=None, help="run each evaluation on N Ray workers (raymeta eval --workers)"
+    )
     args = ap.parse_args(argv)
 
     from bench.common import environment
@@ -302,7 +350,7 @@ def main(argv: list[str] | None = None) -> None:
         evals[f"{method}-limited"] = _evaluate(f"{method}-limited", str(final), out, size, args, adapt=False)
 
     rows = _rows(evals)
-    claims = _claims(rows)
+    claims = _claims(evals)
     title = f"{args.setting}, {args.size} size" + "".join(f", {item}" for item in args.set)
     atomic_write_json(
         out / "quality.json",

@@ -275,6 +275,7 @@ def _flag(parser: argparse.ArgumentParser, error: UserError) -> str | None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]  # as typed, for the results' provenance
     warnings.showwarning = _warning_line
     try:
         return int(args.func(args))

@@ -7,7 +7,7 @@ without loading torch, transformers or Ray.
 from __future__ import annotations
 
 import argparse
-import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -28,12 +28,9 @@ __all__ = [
 
 
 def _quiet_libraries() -> None:
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from transformers.utils import logging as hf_logging
+    from raymeta.models import quiet_libraries  # deferred: it loads torch
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    quiet_libraries()
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
@@ -116,7 +113,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if cache is not None:
             results["loss_cache"] = {"hits": cache.hits, "misses": cache.misses}
     else:
-        from raymeta.eval.parallel import ModelSource, evaluate_parallel
+        from raymeta.run.parallel_eval import ModelSource, evaluate_parallel
 
         # the driver loads the model on the CPU once, for its fingerprint (the loss cache's key), and lets it go
         model_id = model_fingerprint(
@@ -142,7 +139,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     results["model"] = args.model
     results["seconds"] = round(time.time() - started, 1)
     results["provenance"] = environment(device)
-    results["provenance"]["command"] = " ".join(["raymeta", *sys.argv[1:]])
+    results["provenance"]["command"] = shlex.join(["raymeta", *args.argv])
     table = markdown_table(results, title=f"{setting.name} — {args.model}")
     out.mkdir(parents=True, exist_ok=True)
     if samples is not None:

@@ -8,6 +8,7 @@ fetches weights from a hub at run time and never runs code shipped with a model 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,16 @@ def adapter_base(folder: Path) -> str:
     if not name:
         raise UserError(f"{folder}: the adapter names no base model; pass one", key="base_model")
     return str(name)
+
+
+def quiet_libraries() -> None:
+    """Transformers' info logs and progress bars off, tokenizers' thread pool off (we fork and use Ray)."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging  # deferred, as below
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
 
 def load_model(

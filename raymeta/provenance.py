@@ -21,7 +21,8 @@ PACKAGES = ("raymeta", "torch", "transformers", "peft", "ray", "datasets", "nump
 
 def cpu_model_and_flags() -> dict[str, Any]:
     """The CPU's model name and the flags that decide matmul speed (AVX2, AVX-512, AMX-BF16), from /proc/cpuinfo."""
-    model, flags = None, set()
+    model: str | None = None
+    flags: set[str] = set()
     try:
         for line in open("/proc/cpuinfo", encoding="utf-8"):
             key, _, value = line.partition(":")
@@ -59,7 +60,7 @@ def git_commit() -> str | None:
 def environment(device: Any = None) -> dict[str, Any]:
     import torch  # deferred: the package's top level imports nothing heavy
 
-    versions = {}
+    versions: dict[str, str | None] = {}
     for pkg in PACKAGES:
         try:
             versions[pkg] = metadata.version(pkg)

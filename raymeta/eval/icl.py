@@ -10,7 +10,7 @@ it is computed from are kept in the results, so `raymeta compare` can pair two e
 
 The work is cut into units, one per (variant, task, seed) and mode (both modes in one unit when the
 model is adapted first, since they share the adapted weights); `plan` makes them, `score_unit` runs one
-(in this process or in a Ray worker, `raymeta.eval.parallel`), `assemble` turns their results into the
+(in this process or in a Ray worker, `raymeta.run.parallel_eval`), `assemble` turns their results into the
 results dict, whatever order they finished in.
 """
 
@@ -315,7 +315,7 @@ def assemble(
                 }
                 if len({len(t) for t in tests.values()}) == 1:
                     per_task[task]["ci95"] = stats.task_ci(per_task[task], task)
-            run = {"per_task": per_task}
+            run: dict[str, Any] = {"per_task": per_task}
             run["all"] = _summarise(per_task, setting.test, run)
             run["unseen_domain"] = _summarise(per_task, setting.unseen_domain_test, run)
             runs[f"{variant}/{mode}{suffix}"] = run

@@ -12,7 +12,9 @@
 from __future__ import annotations
 
 import os
+import re
 import secrets
+import socket
 import threading
 import time
 import warnings
@@ -41,6 +43,7 @@ def connect(
     if ray.is_initialized():
         return target is not None
     if target is not None:
+        _check_reachable(target)
         try:
             ray.init(address=target, log_to_driver=log_to_driver)
         except ConnectionError as e:
@@ -62,6 +65,20 @@ def connect(
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = clusters
     return False
+
+
+def _check_reachable(target: str, timeout: float = 5.0) -> None:
+    """Refuse a `host:port` (or `ray://host:port`) nothing answers on, at once: `ray.init` would retry for
+    minutes. Other forms (`auto`, a GCS address file) are left to Ray."""
+    match = re.fullmatch(r"(?:ray://)?\[?([^\]/]+?)\]?:(\d+)", target)
+    if match is None:
+        return
+    host, port = match.group(1), int(match.group(2))
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except OSError as e:
+        raise UserError(f"{target}: cannot connect to a Ray cluster ({e.strerror or e})", key="address") from None
 
 
 def _shortfall(cpus: float, gpus: float) -> str | None:

@@ -47,12 +47,11 @@ class _Worker:
     def __init__(self, source: ModelSource, threads: int, cache_dir: str | None) -> None:
         import torch
 
-        from raymeta.commands import _quiet_libraries
         from raymeta.core.device import resolve_device
         from raymeta.eval.cache import LossCache
-        from raymeta.models import load_model, load_tokenizer
+        from raymeta.models import load_model, load_tokenizer, quiet_libraries
 
-        _quiet_libraries()
+        quiet_libraries()
         torch.set_num_threads(threads)
         root = Path(source.root) if source.root else None
         self.tokenizer = load_tokenizer(source.spec, root)
@@ -109,7 +108,7 @@ def evaluate_parallel(
         actor = ray.remote(_Worker).options(
             num_cpus=cpus, num_gpus=gpus_per_worker, max_restarts=1, max_task_retries=1, runtime_env=env
         )
-        pool_actors = [actor.remote(source, threads, str(cache_dir) if cache_dir else None) for _ in range(workers)]
+        pool_actors: list[Any] = [actor.remote(source, threads, str(cache_dir) if cache_dir else None) for _ in range(workers)]
         order = sorted(units, key=lambda u: -sum(len(ex.options) for ex in u.tests) * len(u.modes))
         results: list[UnitResult] = []
         cfg_ref, id_ref = ray.put(cfg), ray.put(model_id)
