@@ -35,6 +35,7 @@ run: $(STAMP)
 	$(BIN)/raymeta eval --model runs/main/maml_en_llm/checkpoints/step-000015 $(EVAL) --out runs/main/eval-maml_en_llm
 	$(BIN)/raymeta eval --model runs/main/metaicl/checkpoints/step-000015 $(EVAL) --out runs/main/eval-metaicl
 	$(BIN)/raymeta table runs/main/eval-raw runs/main/eval-maml_en_llm runs/main/eval-metaicl
+	$(BIN)/raymeta compare runs/main/eval-maml_en_llm runs/main/eval-metaicl
 
 lint: $(STAMP)
 	@echo "==> ruff and mypy"

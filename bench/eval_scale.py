@@ -8,6 +8,7 @@ rerun with the same arguments. Also writes the in-process results (with per-exam
 OUT_DIR/results-inprocess.json, for `raymeta compare` and the power figure.
 
     python -m bench.eval_scale                                   # P9, workers 0 and 2
+    python -m bench.eval_scale --seeds 100 --out bench/results/eval_scale_1seed.json   # a fifth of P9
     python -m bench.eval_scale --max-test-examples 20 --workers 0 1 2 --out bench/results/eval_scale_20.json
 """
 
@@ -33,7 +34,7 @@ def _measure(workers: int, args: argparse.Namespace) -> dict[str, Any]:
 
     data = open_data(None)
     setting = data.setting(args.setting)
-    cfg = EvalConfig(k=args.k, modes=("icl",), max_test_examples=args.max_test_examples)
+    cfg = EvalConfig(k=args.k, seeds=tuple(args.seeds), modes=("icl",), max_test_examples=args.max_test_examples)
     started = time.perf_counter()
     if workers == 0:
         torch.set_num_threads(os.cpu_count() or 1)
@@ -54,10 +55,11 @@ def main() -> None:
     ap.add_argument("--setting", default="bb_class_to_class")
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--max-test-examples", type=int, default=100)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[100, 13, 21, 42, 87])
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="0 = in-process")
     ap.add_argument("--out", type=Path, default=Path("bench/results/eval_scale.json"))
     args = ap.parse_args()
-    key = {"setting": args.setting, "k": args.k, "max_test_examples": args.max_test_examples}
+    key = {"setting": args.setting, "k": args.k, "max_test_examples": args.max_test_examples, "seeds": args.seeds}
     done: dict[str, Any] = {}
     if args.out.is_file():
         old = json.loads(args.out.read_text())
