@@ -94,8 +94,27 @@ def main() -> None:
         "goal_seconds": 1200,
         "speedup_vs_in_process": {str(m["workers"]): base / m["seconds"] for m in measurements} if base else None,
     }
+    result["power"] = _power(args.out.with_name(f"{args.out.stem}-results-inprocess.json"))
     atomic_write_json(args.out, result)
     print(json.dumps({str(m["workers"]): round(m["seconds"]) for m in measurements}), "identical scores:", same)
+    print(json.dumps(result["power"], indent=1))
+
+
+def _power(path: Path) -> dict[str, Any] | None:
+    """From the in-process results: each run's all-targets 95 % CI half-width now, and the test examples
+    per task a CI of ±2 points would need (one model's mean; `raymeta compare` gives it for a difference)."""
+    from raymeta.eval import stats
+
+    if not path.is_file():
+        return None
+    res = json.loads(path.read_text())
+    out = {}
+    for name, run in res["runs"].items():
+        p = stats.examples_needed(run, None, res["targets"], half_width=0.02)
+        out[name] = {
+            k: p[k] for k in ("n_test_now", "half_width_now", "var_examples", "var_seeds", "test_set_scale", "n_test_needed")
+        }
+    return out
 
 
 if __name__ == "__main__":

@@ -10,8 +10,9 @@ channel prompts, plus:
 It then checks the paper's claims (MAML-en-LLM ≥ MetaICL + 2 points on unseen-domain targets, + 4 after
 adaptation, + 2 with limited data) on the mean over seeds and reports what the runs show.
 
-    python -m bench.quality --size cpu          # SmolLM2, about 2 hours on 2 CPU cores (run: bench/results/)
-    python -m bench.quality --size cpu --core-only --set inner.lr=1e-4 --set outer.lr=1e-4 --out DIR   # 46 min
+    python -m bench.quality --size cpu          # SmolLM2 on 2 CPU cores: about 12 hours, nearly all evaluation
+    python -m bench.quality --size cpu --core-only --set inner.lr=1e-4 --set outer.lr=1e-4 --out DIR   # about 7 hours
+    python -m bench.quality --size cpu --eval-workers 2 ...   # evaluations on Ray workers (a cluster: RAY_ADDRESS)
     python -m bench.quality --size gpu          # MetaICL-sized, for a GPU node (not run: no GPU lent)
     python -m bench.quality --size smoke --model DIR --data DIR --setting toy   # minutes; used by the tests
 
@@ -53,7 +54,11 @@ SIZES: dict[str, dict[str, Any]] = {
             "keep_checkpoints": 1,
             "checkpoint_every": 10,
         },
-        "eval": {"k": 4, "seeds": (100, 13, 21, 42, 87), "max_test_examples": 10},
+        # 100 test examples per task (all of the smaller ones), from the power figure of bench/eval_scale.py:
+        # one model's all-targets mean at that size (85 per task on average) is ±1.9 points with direct prompts
+        # and ±3.4 with channel prompts (one seed; channel would need 246 per task for ±2);
+        # with 8 test examples and 2 seeds it was ±7.5. It costs time: ~16 min per seed of an evaluation here.
+        "eval": {"k": 4, "seeds": (100, 13, 21, 42, 87), "max_test_examples": 100},
         "adapt_steps": 1,
         "limited_examples": 32,
     },

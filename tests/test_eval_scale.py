@@ -84,7 +84,7 @@ def test_examples_needed_scales_the_example_variance():
     rec = _record("accuracy", n=50, seeds=("1",))  # one seed: no variance from seeds
     run = {"per_task": {"t": rec}}
     p = stats.examples_needed(run, None, ["t"], half_width=0.02)
-    assert p["var_seeds"] == 0 and p["n_test_now"] == 50
+    assert p["var_seeds"] == 0 and p["n_test_now"] == 50 and p["test_set_scale"] > 1
     target = (0.02 / 1.96) ** 2
     assert p["n_test_needed"] == int(np.ceil(50 * p["var_examples"] / target))
     assert p["n_test_needed"] > 50  # 50 examples leave about ±13 points

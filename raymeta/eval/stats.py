@@ -122,21 +122,23 @@ def examples_needed(
 
     The bootstrap variance is split into a part from the test examples (resampled with the seeds fixed),
     which shrinks as 1/n, and a part from the seeds (resampled with the examples fixed), which does not:
-    var(n') ≈ var_examples · n / n' + var_seeds. None when the seeds alone leave the interval wider."""
+    var(n') ≈ var_examples · n / n' + var_seeds, with every task's test set scaled alike; n is the mean
+    over tasks. None when the seeds alone leave the interval wider."""
 
     def reps(resample: str) -> np.ndarray:
         r = run_replicates(run_a, tasks, resample=resample)
         return r - run_replicates(run_b, tasks, resample=resample) if run_b is not None else r
 
-    n = min(run_a["per_task"][t]["n_test"] for t in tasks)
+    n = float(np.mean([run_a["per_task"][t]["n_test"] for t in tasks]))
     var_e, var_s = float(np.var(reps("examples"))), float(np.var(reps("seeds")))
     target = (half_width / 1.96) ** 2
-    needed = None if var_s >= target else int(np.ceil(n * var_e / (target - var_s)))
+    scale = None if var_s >= target else var_e / (target - var_s)  # every task's test set times this
     return {
         "half_width": half_width,
-        "n_test_now": n,
+        "n_test_now": round(n, 1),
+        "test_set_scale": scale,
         "half_width_now": float(1.96 * np.sqrt(var_e + var_s)),
         "var_examples": var_e,
         "var_seeds": var_s,
-        "n_test_needed": needed,
+        "n_test_needed": None if scale is None else int(np.ceil(n * scale)),
     }
