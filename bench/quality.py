@@ -99,18 +99,10 @@ def _overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """A nested config as dotted keys: {"inner": {"lr": 1}} -> {"inner.lr": 1}."""
-    items: dict[str, Any] = {}
-    for k, v in d.items():
-        items.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return items
-
-
 def _run_config(name: str, overrides: dict[str, Any], out: Path, base: dict[str, Any]) -> Any:
     """The training config of run `name`; refused if OUT/runs/NAME was trained with other settings
     (resuming it would mix two configs, and a finished one would be reused as is)."""
-    from raymeta.config import TrainConfig, apply_overrides, to_dict
+    from raymeta.config import TrainConfig, apply_overrides, flatten, to_dict
     from raymeta.errors import UserError
     from raymeta.io import read_yaml
 
@@ -118,7 +110,7 @@ def _run_config(name: str, overrides: dict[str, Any], out: Path, base: dict[str,
     cfg.validate(f"quality:{name}")
     saved_path = Path(cfg.run.out) / "config.yaml"
     if saved_path.is_file():
-        saved, now = _flat(read_yaml(saved_path, "run config") or {}), _flat(to_dict(cfg))
+        saved, now = flatten(read_yaml(saved_path, "run config") or {}), flatten(to_dict(cfg))
         differ = sorted(k for k in saved.keys() & now.keys() if saved[k] != now[k])
         if differ:
             raise UserError(f"{saved_path}: this run was trained with other settings ({', '.join(differ)}); use another --out")

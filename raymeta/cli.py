@@ -161,6 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", type=Path, help="YAML config (see configs/)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. inner.steps=2 method=fomaml")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run folder")
+    p.add_argument(
+        "--allow-changes",
+        action="store_true",
+        help="with --resume: let the placement keys (device, num_workers, executor, ...) differ from the checkpoint's "
+        "config (steps and checkpointing may always change; the method, learning rates, data, k and seed never)",
+    )
     p.add_argument("--address", default=None, help="join this Ray cluster (default: $RAY_ADDRESS, else an embedded local one)")
     p.add_argument("--threads", type=_positive, default=None, help="torch CPU threads")
     p.set_defaults(func=commands.cmd_train, parser=p)

@@ -158,7 +158,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from raymeta.config import load_config
     from raymeta.run.api import train
-    from raymeta.run.report import metrics_table
+    from raymeta.run.report import all_steps_skipped, metrics_table
 
     _quiet_libraries()
     cfg = load_config(args.config, args.overrides)
@@ -166,8 +166,19 @@ def cmd_train(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    final = train(cfg, resume=args.resume, progress=not args.quiet, root=args.home, address=args.address)
+    final = train(
+        cfg, resume=args.resume, progress=not args.quiet, root=args.home, address=args.address, allow_changes=args.allow_changes
+    )
     print(metrics_table(cfg.run.out))
+    if all_steps_skipped(cfg.run.out):
+        import warnings
+
+        warnings.warn(
+            "every meta-step was skipped (a non-finite loss or meta-gradient), so the checkpoint holds the "
+            "starting weights; lower inner.lr / outer.lr or check the data",
+            stacklevel=1,
+        )
+        return 1
     print(f"final checkpoint: {final}  (evaluate it with: raymeta eval --model {final})")
     return 0
 

@@ -331,6 +331,14 @@ def apply_overrides(cfg: TrainConfig, mapping: dict[str, Any], where: str) -> Tr
     return cfg
 
 
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config as dotted keys: {"inner": {"lr": 1}} -> {"inner.lr": 1}."""
+    items: dict[str, Any] = {}
+    for k, v in d.items():
+        items.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return items
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
     """Defaults, then the YAML file, then `key=value` overrides (values parsed as YAML), validated."""
     cfg = TrainConfig()

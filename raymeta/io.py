@@ -1,4 +1,4 @@
-"""Atomic file writes (a reader never sees a half-written file), and reading YAML with one-line errors."""
+"""Atomic, durable file writes (a reader or a crash never sees a half-written file), and reading YAML with one-line errors."""
 
 from __future__ import annotations
 
@@ -16,16 +16,62 @@ from raymeta.errors import UserError
 __all__ = ["atomic_write_text", "atomic_write_bytes", "atomic_write_json", "atomic_dir", "read_yaml"]
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+# One mode for every file raymeta writes: what `open()` would give a new file (0o666 less the umask: 0644
+# under the usual 022, group-writable under 002 on shared storage); mkstemp alone would make it 0600.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename or a new entry in `folder` durable (a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """fsync every file and folder under `folder` (what other libraries wrote there, too)."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            try:
+                fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(root))
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, fsync it, give it FILE_MODE, rename it into place
+    and fsync the folder: a reader (or a crash) sees the old file or the whole new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    _atomic_write(path, text.encode("utf-8"))
 
 
 def read_yaml(path: Path, what: str) -> Any:
@@ -41,15 +87,7 @@ def read_yaml(path: Path, what: str) -> Any:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    _atomic_write(path, data)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -60,7 +98,8 @@ class atomic_dir:
     """Build a folder under a temporary name and rename it into place on success.
 
     `with atomic_dir(final) as tmp: ...write into tmp...` -- on an exception the temporary folder is
-    removed and `final` is left as it was.
+    removed and `final` is left as it was. On success everything in it is fsynced, then it replaces
+    `final` by two renames (the old folder aside, the new one in), never by deleting `final` first.
     """
 
     def __init__(self, final: Path) -> None:
@@ -77,6 +116,14 @@ class atomic_dir:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return
+        _fsync_tree(self.tmp)
+        # Swap by renames, so `final` is never a half-deleted folder: the old one moves aside whole,
+        # the new one takes its name, then the old one is removed.
+        old = self.final.parent / f".{self.final.name}.old-{os.getpid()}"
         if self.final.exists():
-            shutil.rmtree(self.final)
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(self.final, old)
         os.replace(self.tmp, self.final)
+        _fsync_dir(self.final.parent)
+        shutil.rmtree(old, ignore_errors=True)

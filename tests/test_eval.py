@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -100,3 +101,35 @@ def test_shared_truncation_cuts_the_demonstrations_once(gpt2_tokenizer, monkeypa
     assert not any(s.needs_truncation(64) for s in scored)
     with pytest.raises(UserError, match="^truncation: "):
         EvalConfig(truncation="middle")
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda e: b"\xff\xfe not utf-8",
+        lambda e: b'{"losses": [1.0, ',  # a torn write
+        lambda e: json.dumps({**e, "losses": [0.0] * len(e["losses"])}).encode(),  # plausible, wrong
+        lambda e: json.dumps({**e, "losses": [float("-inf")] + e["losses"][1:]}).encode(),
+        lambda e: json.dumps({**e, "losses": e["losses"][:-1]}).encode(),
+        lambda e: json.dumps({"losses": e["losses"]}).encode(),  # no checksum (an older entry)
+        lambda e: b"[]",
+    ],
+    ids=["not-utf8", "torn", "zeros", "-inf", "short", "no-checksum", "not-an-object"],
+)
+def test_a_bad_cache_entry_is_recomputed_never_trusted(tmp_path, gpt2_tokenizer, damage):
+    data = DataDir(make_data_dir(tmp_path / "d"))
+    cfg = EvalConfig(k=4, seeds=(100,), variants=("direct",), modes=("icl",))
+    model = tiny_gpt2()
+    fresh = evaluate_setting(
+        model, gpt2_tokenizer, data, data.setting("toy"), cfg, cache=LossCache(tmp_path / "c"), progress=False
+    )
+    entries = sorted((tmp_path / "c").rglob("*.json"))
+    assert len(entries) == 2
+    entries[0].write_bytes(damage(json.loads(entries[0].read_text())))
+    cache = LossCache(tmp_path / "c")
+    again = evaluate_setting(model, gpt2_tokenizer, data, data.setting("toy"), cfg, cache=cache, progress=False)
+    assert again["runs"] == fresh["runs"]
+    assert (cache.bad, cache.hits, cache.misses) == (1, 1, 1)
+    repaired = LossCache(tmp_path / "c")
+    evaluate_setting(model, gpt2_tokenizer, data, data.setting("toy"), cfg, cache=repaired, progress=False)
+    assert (repaired.bad, repaired.hits) == (0, 2)  # the fresh losses replaced the bad entry

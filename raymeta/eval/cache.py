@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -41,12 +42,17 @@ class LossCache:
     The key hashes the model fingerprint, the scorer's settings and the exact token ids of every
     sequence (which covers task, seed, k, variant, truncation and tokenizer). Losses are stored as
     JSON floats, which round-trip exactly, so a hit returns the very numbers a fresh run computed.
+
+    Each entry carries a checksum of its key and losses. An entry that is unreadable, malformed,
+    of the wrong length, not finite or not matching its checksum (a torn write, a disk error, an edit
+    by hand) is never used: it counts as `bad`, is recomputed, and the fresh losses replace it.
     """
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.hits = 0
         self.misses = 0
+        self.bad = 0
 
     @staticmethod
     def key(model_id: str, settings: dict[str, Any], seqs: Sequence[Scored]) -> str:
@@ -59,18 +65,34 @@ class LossCache:
     def _path(self, key: str) -> Path:
         return self.folder / key[:2] / f"{key}.json"
 
+    @staticmethod
+    def checksum(key: str, losses: Sequence[float]) -> str:
+        return hashlib.sha256(json.dumps([key, list(losses)]).encode()).hexdigest()
+
     def get(self, key: str, n: int) -> list[float] | None:
         path = self._path(key)
         if path.is_file():
-            try:
-                losses = json.loads(path.read_text())["losses"]
-            except (json.JSONDecodeError, KeyError):
-                losses = None
-            if isinstance(losses, list) and len(losses) == n:
+            losses = self._read(path, key, n)
+            if losses is not None:
                 self.hits += 1
-                return [float(x) for x in losses]
+                return losses
+            self.bad += 1
         self.misses += 1
         return None
 
+    def _read(self, path: Path, key: str, n: int) -> list[float] | None:
+        """The entry's losses when it is whole and checks out, else None."""
+        try:
+            entry = json.loads(path.read_bytes().decode("utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):
+            return None
+        losses = entry.get("losses") if isinstance(entry, dict) else None
+        if not isinstance(losses, list) or len(losses) != n:
+            return None
+        if not all(isinstance(x, float) and math.isfinite(x) for x in losses):
+            return None
+        return losses if entry.get("checksum") == self.checksum(key, losses) else None
+
     def put(self, key: str, losses: Sequence[float]) -> None:
-        atomic_write_json(self._path(key), {"losses": list(losses)})
+        values = [float(x) for x in losses]
+        atomic_write_json(self._path(key), {"losses": values, "checksum": self.checksum(key, values)})

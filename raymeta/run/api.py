@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from raymeta.config import TrainConfig
+from raymeta.config import TrainConfig, flatten, to_dict
 from raymeta.core.device import resolve_device
 from raymeta.data import open_data
 from raymeta.errors import UserError
@@ -42,13 +42,17 @@ def train(
     on_step: Callable[[dict[str, Any]], None] | None = None,
     callbacks: list[Any] | None = None,
     after_step: StepHook | None = None,
+    allow_changes: bool = False,
 ) -> Path | str:
     """Run (or resume) meta-training, on Ray Train workers or (distributed=false) in this process;
     returns the final checkpoint (a local folder, or its URI when `out` is on object storage).
 
     `on_step(metrics)` runs in this process after each step (single-process runs only); `after_step(rank,
     metrics)` runs on every worker after each step and its checkpoint (it must pickle: a module-level
-    function or object); `callbacks` are Ray Train callbacks (e.g. Tune's `TuneReportCallback`)."""
+    function or object); `callbacks` are Ray Train callbacks (e.g. Tune's `TuneReportCallback`).
+
+    A resumed run must ask for the config its checkpoint was trained with, but for its steps,
+    checkpointing and logging; `allow_changes` lets the placement keys (devices, workers) differ too."""
     cfg.validate()
     if not resume:
         check_weights(cfg.run.model, cfg.weights, root)  # trainable / adapter.* against the model's names, before anything
@@ -61,6 +65,8 @@ def train(
         raise UserError(
             f"{cfg.run.out}: holds checkpoints of an earlier run; pass --resume to continue it or choose another out", key="out"
         )
+    if resume and latest is not None:
+        check_resume_config(read_state(store, latest).get("config") or {}, to_dict(cfg), allow_changes, store.uri(latest))
     if latest is not None and read_state(store, latest)["step"] >= cfg.run.steps:
         return _final(store, store.uri(latest))  # already finished: nothing to resume
     if not cfg.placement.distributed or joined_address(address) is None:
@@ -79,6 +85,52 @@ def train(
     )
     assert done is not None
     return _final(store, done)
+
+
+# A resumed run may always change how long it runs and how it checkpoints and logs ...
+RUN_CONTROL = ("steps", "checkpoint_every", "keep_checkpoints", "log_every", "validation.every")
+# ... and, with `allow_changes`, where it runs: the same algorithm, but a trajectory that is bit-exact only
+# on the same placement (another number of workers sums the meta-gradients in another order).
+PLACEMENT = (
+    "device",
+    "distributed",
+    "num_workers",
+    "executor",
+    "cpus_per_worker",
+    "cpus_per_task",
+    "use_gpu",
+    "gpus_per_task",
+    "max_failures",
+    "placement_strategy",
+)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check_resume_config(saved: dict[str, Any], wanted: dict[str, Any], allow_changes: bool, where: str) -> None:
+    """Refuse to resume with a config other than the checkpoint's, in one line naming the changed keys.
+    `out` (a moved run folder) and the `RUN_CONTROL` keys may differ; the `PLACEMENT` keys with
+    `allow_changes`; anything else (the method, learning rates, data, k, seed, ...) never."""
+    if not saved:
+        return  # a checkpoint from before configs were recorded: nothing to compare
+    old, new = flatten(saved), flatten(wanted)
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    refused = [k for k in changed if k != "out" and k not in RUN_CONTROL and not (allow_changes and k in PLACEMENT)]
+    if not refused:
+        return
+    shown = ", ".join(f"{k}: {_short(old.get(k))} -> {_short(new.get(k))}" for k in refused[:4])
+    more = f" and {len(refused) - 4} more" if len(refused) > 4 else ""
+    if all(k in PLACEMENT for k in refused):
+        hint = "pass --allow-changes to run it elsewhere (no longer bit-exact)"
+    else:
+        hint = (
+            "only steps, checkpointing and (with --allow-changes) placement may change; "
+            "start a new run from the checkpoint (model=...) instead"
+        )
+    raise UserError(f"{where}: trained with another config ({shown}{more}); {hint}", key="resume")
 
 
 def _final(store: RunStore, location: str) -> Path | str:

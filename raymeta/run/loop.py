@@ -14,6 +14,7 @@ dropout), so nothing else is random.
 from __future__ import annotations
 
 import json
+import math
 import resource
 import time
 from collections.abc import Callable
@@ -132,7 +133,8 @@ def run_loop(
     store = place.out
     logged: list[str] = []  # metrics.jsonl, one line per step
     if lead:
-        store.write_text("config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        if resume_dir is None or not store.exists("config.yaml"):  # a resumed run keeps its original config.yaml
+            store.write_text("config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
         if store.exists("metrics.jsonl"):
             lines = store.read_text("metrics.jsonl").splitlines()
             logged = [line + "\n" for line in lines if line and json.loads(line)["step"] <= start]
@@ -173,7 +175,7 @@ def run_loop(
         if held is not None and validating and lead:
             record.update(validate(model, tokenizer, held, cfg))
         if lead:
-            logged.append(json.dumps(record) + "\n")
+            logged.append(json.dumps(_strict(record), allow_nan=False) + "\n")
             store.append_line("metrics.jsonl", logged[-1], "".join(logged))
         if on_step is not None:
             on_step(record)
@@ -202,3 +204,8 @@ def run_loop(
             after_step(place.rank, record)
     bar.close()
     return final
+
+
+def _strict(record: dict[str, Any]) -> dict[str, Any]:
+    """The record with every non-finite number as null: metrics.jsonl is strict JSON (no NaN, no Infinity)."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from raymeta.storage import RunStore
 
-__all__ = ["metrics_table"]
+__all__ = ["all_steps_skipped", "metrics_table"]
 
 _COLUMNS = (
     ("step", "step", "{:d}"),
@@ -42,3 +42,14 @@ def metrics_table(out: str | Path, max_rows: int = 12) -> str:
     lines = ["| " + " | ".join(title for _, title, _ in columns) + " |", "|" + "---:|" * len(columns)]
     lines += ["| " + " | ".join(_cell(r.get(key), fmt) for key, _, fmt in columns) + " |" for r in rows]
     return "\n".join(lines) + "\n"
+
+
+def all_steps_skipped(out: str | Path) -> bool:
+    """Whether every meta-step of the run in `out` was skipped (a non-finite loss or meta-gradient)."""
+    store = RunStore(out)
+    text = store.read_text("metrics.jsonl") if store.exists("metrics.jsonl") else ""
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines:
+        return False
+    last = json.loads(lines[-1])
+    return bool(last.get("step")) and last.get("skipped_steps", 0) >= last["step"]

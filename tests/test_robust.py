@@ -1,0 +1,94 @@
+"""Robust runs: durable atomic writes with one file mode, a safe folder swap, strict JSON metrics, and a
+run whose every step was skipped failing loudly."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import pytest
+
+from raymeta import io
+from raymeta.cli import main
+from tests.conftest import tiny_run_folder, tiny_train_overrides
+
+
+def test_atomic_writes_fsync_and_give_every_file_one_mode(tmp_path, monkeypatch):
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def spy(fd: int) -> None:  # the real fsync, recording what it was called on
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    io.atomic_write_text(tmp_path / "a" / "x.txt", "hello")
+    io.atomic_write_bytes(tmp_path / "a" / "y.bin", b"\x00\x01")
+    io.atomic_write_json(tmp_path / "a" / "z.json", {"k": 1})
+    assert (tmp_path / "a" / "x.txt").read_text() == "hello"
+    assert str(tmp_path / "a") in synced  # the folder, after the rename
+    assert any(p.endswith(".tmp") for p in synced)  # the file, before it
+    for name in ("x.txt", "y.bin", "z.json"):
+        assert stat.S_IMODE((tmp_path / "a" / name).stat().st_mode) == io.FILE_MODE
+    assert io.FILE_MODE == 0o666 & ~io._UMASK and io.FILE_MODE & 0o040  # group-readable under the usual umasks
+    assert not [p for p in (tmp_path / "a").iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_atomic_dir_swaps_whole_folders_and_keeps_the_old_one_on_failure(tmp_path):
+    final = tmp_path / "ckpt"
+    with io.atomic_dir(final) as tmp:
+        (tmp / "w").write_text("one")
+    with pytest.raises(RuntimeError), io.atomic_dir(final) as tmp:
+        (tmp / "w").write_text("half")
+        raise RuntimeError("killed mid-way")
+    assert (final / "w").read_text() == "one"
+    with io.atomic_dir(final) as tmp:
+        (tmp / "w").write_text("two")
+    assert (final / "w").read_text() == "two"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temporary or old folder left
+
+
+def test_a_run_whose_every_step_is_skipped_exits_non_zero_and_metrics_stay_strict_json(tmp_path, gpt2_tokenizer, capsys):
+    root = tiny_run_folder(tmp_path / "t", gpt2_tokenizer)
+    out = tmp_path / "run"
+    args = tiny_train_overrides(root / "model", root / "data", out, "steps=2", "distributed=false", "inner.lr=1e30")
+    (tmp_path / "empty.yaml").write_text("{}\n")
+    assert main(["train", "--quiet", str(tmp_path / "empty.yaml"), *args]) == 1
+    err = capsys.readouterr().err
+    assert "every meta-step was skipped" in err and "Traceback" not in err
+
+    def no_constants(name: str) -> None:
+        raise AssertionError(f"metrics.jsonl holds {name}, which is not JSON")
+
+    records = [json.loads(line, parse_constant=no_constants) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_steps"] for r in records] == [1, 2]
+    assert any(v is None for r in records for v in r.values())  # the non-finite losses, as null
+
+
+def _refused(capsys, argv: list[str]) -> str:
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_resume_refuses_a_changed_config_and_keeps_the_original(tmp_path, gpt2_tokenizer, capsys):
+    root = tiny_run_folder(tmp_path / "t", gpt2_tokenizer)
+    out = tmp_path / "run"
+    (tmp_path / "c.yaml").write_text("{}\n")
+    base = ["train", "--quiet", str(tmp_path / "c.yaml"), *tiny_train_overrides(root / "model", root / "data", out)]
+    assert main([*base, "steps=2", "distributed=false"]) == 0
+    original = (out / "config.yaml").read_text()
+    err = _refused(capsys, [*base, "steps=4", "distributed=false", "inner.lr=0.002", "seed=3", "--resume"])
+    assert "inner.lr: 0.001 -> 0.002" in err and "seed: 0 -> 3" in err and "start a new run" in err
+    err = _refused(capsys, [*base, "steps=4", "distributed=false", "device=cpu", "--resume"])
+    assert "device: 'auto' -> 'cpu'" in err and "--allow-changes" in err
+    err = _refused(capsys, [*base, "steps=4", "distributed=false", "method=fomaml", "--resume", "--allow-changes"])
+    assert "method: 'maml_en_llm' -> 'fomaml'" in err
+    assert (out / "config.yaml").read_text() == original and len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    # steps and checkpointing may change; placement with --allow-changes; config.yaml stays the original
+    assert main([*base, "steps=3", "distributed=false", "checkpoint_every=1", "device=cpu", "--resume", "--allow-changes"]) == 0
+    assert (out / "config.yaml").read_text() == original
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
