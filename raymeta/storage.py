@@ -30,7 +30,7 @@ from raymeta.paths import paths
 
 __all__ = ["RunStore", "is_uri", "stage"]
 
-_LAST = "state.json"  # a checkpoint's last file: its presence marks the checkpoint complete
+_LAST = ("state.json", "manifest.json")  # a checkpoint's last files, in this order (see raymeta.run.checkpoint)
 
 
 def is_uri(location: str | os.PathLike[str]) -> bool:
@@ -156,7 +156,10 @@ class RunStore:
             self.upload(Path(tmp), rel)
 
     def upload(self, folder: Path, rel: str) -> None:
-        files = sorted((p for p in folder.rglob("*") if p.is_file()), key=lambda p: (p.name == _LAST, str(p)))
+        def order(p: Path) -> tuple[int, str]:
+            return (_LAST.index(p.name) + 1 if p.name in _LAST else 0, str(p))
+
+        files = sorted((p for p in folder.rglob("*") if p.is_file()), key=order)
         for file in files:
             target = self._path(f"{rel}/{file.relative_to(folder).as_posix()}")
             with file.open("rb") as src, self.fs.open_output_stream(target) as dst:

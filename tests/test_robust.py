@@ -92,3 +92,72 @@ def test_resume_refuses_a_changed_config_and_keeps_the_original(tmp_path, gpt2_t
     assert main([*base, "steps=3", "distributed=false", "checkpoint_every=1", "device=cpu", "--resume", "--allow-changes"]) == 0
     assert (out / "config.yaml").read_text() == original
     assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, gpt2_tokenizer):
+    """A finished 3-step run with a checkpoint per step, to damage copies of."""
+    base = tmp_path_factory.mktemp("trained")
+    root = tiny_run_folder(base / "t", gpt2_tokenizer)
+    (base / "c.yaml").write_text("{}\n")
+    args = tiny_train_overrides(root / "model", root / "data", base / "run", "distributed=false", "checkpoint_every=1")
+    assert main(["train", "--quiet", str(base / "c.yaml"), *args, "steps=3"]) == 0
+    return base, args
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _flip(path):
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF  # same size, other content
+    path.write_bytes(bytes(data))
+
+
+DAMAGE = {
+    "truncated weights": lambda ck: _truncate(ck / "model" / "model.safetensors"),
+    "flipped optimizer byte": lambda ck: _flip(ck / "optimizer.safetensors"),
+    "missing optimizer": lambda ck: (ck / "optimizer.safetensors").unlink(),
+    "garbage state.json": lambda ck: (ck / "state.json").write_bytes(b"\xff{garbage"),
+    "no manifest (torn write)": lambda ck: (ck / "manifest.json").unlink(),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_resume_falls_back_past_a_corrupt_latest_checkpoint(trained, tmp_path, capsys, damage):
+    import shutil
+
+    base, args = trained
+    run = tmp_path / "run"
+    shutil.copytree(base / "run", run)
+    DAMAGE[damage](run / "checkpoints" / "step-000003")
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 4, "meta_lo')  # and a torn last line
+    moved = [a if not a.startswith("out=") else f"out={run}" for a in args]
+    capsys.readouterr()
+    assert main(["train", "--quiet", str(base / "c.yaml"), *moved, "steps=4", "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "step-000003" in err and "falling back to an earlier checkpoint" in err and "Traceback" not in err
+    assert "metrics.jsonl:4: not a whole metrics record" in err
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]  # one line per step: the old step 3 was after the resumed checkpoint
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names == ["corrupt-step-000003", "step-000001", "step-000002", "step-000003", "step-000004"]
+    from raymeta.run.checkpoint import verify_checkpoint
+
+    assert verify_checkpoint(run / "checkpoints" / "step-000004") is None
+
+
+def test_resume_with_no_valid_checkpoint_is_one_line(trained, tmp_path, capsys):
+    import shutil
+
+    base, args = trained
+    run = tmp_path / "run"
+    shutil.copytree(base / "run", run)
+    for ck in (run / "checkpoints").iterdir():
+        (ck / "state.json").write_text("{}")
+    moved = [a if not a.startswith("out=") else f"out={run}" for a in args]
+    err = _refused(capsys, ["train", "--quiet", str(base / "c.yaml"), *moved, "steps=4", "--resume"])
+    assert "no checkpoint verifies (step-000003: state.json is missing or unreadable; step-000002" in err
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000001", "step-000002", "step-000003"]

@@ -10,6 +10,7 @@ print(results["runs"]["direct/icl"]["all"]["mean"])
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from raymeta.errors import UserError
 from raymeta.eval.icl import EvalConfig, LossCache, evaluate_setting
 from raymeta.models import check_weights, load_model, load_tokenizer, resolve_model_dir
 from raymeta.paths import paths
-from raymeta.run.checkpoint import latest_step, local_checkpoint, read_state
+from raymeta.run.checkpoint import latest_step, usable_checkpoint
 from raymeta.run.distributed import fit
 from raymeta.run.loop import Placement, StepHook, build_sampler, run_loop
 from raymeta.run.session import connect, joined_address
@@ -59,16 +60,20 @@ def train(
     store = RunStore(cfg.run.out)
     store.check_writable()  # unreachable or read-only storage: one line, before anything starts
     latest = latest_step(store)
-    if resume and latest is None:
-        raise UserError(f"no checkpoint in {store.uri('checkpoints')}", key="resume")
     if not resume and latest is not None:
         raise UserError(
             f"{cfg.run.out}: holds checkpoints of an earlier run; pass --resume to continue it or choose another out", key="out"
         )
-    if resume and latest is not None:
-        check_resume_config(read_state(store, latest).get("config") or {}, to_dict(cfg), allow_changes, store.uri(latest))
-    if latest is not None and read_state(store, latest)["step"] >= cfg.run.steps:
-        return _final(store, store.uri(latest))  # already finished: nothing to resume
+    resume_dir = None
+    if resume:
+        found = usable_checkpoint(store)  # the newest whole checkpoint; broken newer ones are set aside, with a warning
+        if found is None:
+            raise UserError(f"no checkpoint in {store.uri('checkpoints')}", key="resume")
+        latest, resume_dir = found
+        state = json.loads((resume_dir / "state.json").read_text())
+        check_resume_config(state.get("config") or {}, to_dict(cfg), allow_changes, store.uri(latest))
+        if state["step"] >= cfg.run.steps:
+            return _final(store, store.uri(latest))  # already finished: nothing to resume
     if not cfg.placement.distributed or joined_address(address) is None:
         resolve_device(cfg.placement.device)  # CUDA asked for where there is none: one line, before anything starts
     if cfg.placement.distributed:
@@ -79,7 +84,6 @@ def train(
         return _final(store, final)
     if cfg.placement.executor == "ray":  # tasks as Ray tasks from this process
         connect(address, log_to_driver=progress)
-    resume_dir = local_checkpoint(store, latest) if latest is not None else None
     done = run_loop(
         cfg, Placement(store), resume_dir=resume_dir, progress=progress, root=root, on_step=on_step, after_step=after_step
     )

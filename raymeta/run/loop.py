@@ -17,6 +17,7 @@ import json
 import math
 import resource
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,8 +137,7 @@ def run_loop(
         if resume_dir is None or not store.exists("config.yaml"):  # a resumed run keeps its original config.yaml
             store.write_text("config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
         if store.exists("metrics.jsonl"):
-            lines = store.read_text("metrics.jsonl").splitlines()
-            logged = [line + "\n" for line in lines if line and json.loads(line)["step"] <= start]
+            logged = _kept_metrics(store.read_bytes("metrics.jsonl"), start, store.uri("metrics.jsonl"))
         store.write_text("metrics.jsonl", "".join(logged))
         if held is not None:
             validation = {"tasks": list(held.setting.test), "seeds": list(held.seeds)}
@@ -209,3 +209,22 @@ def run_loop(
 def _strict(record: dict[str, Any]) -> dict[str, Any]:
     """The record with every non-finite number as null: metrics.jsonl is strict JSON (no NaN, no Infinity)."""
     return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+
+
+def _kept_metrics(data: bytes, start: int, where: str) -> list[str]:
+    """The lines of an earlier metrics.jsonl up to step `start` (the resumed checkpoint's): later ones
+    were logged after it and will be logged again; a line that does not parse (a write torn by a kill)
+    is dropped with a warning."""
+    kept = []
+    for n, raw in enumerate(data.split(b"\n"), start=1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw.decode("utf-8"))
+            step = record["step"]
+        except (UnicodeDecodeError, ValueError, KeyError, TypeError):
+            warnings.warn(f"{where}:{n}: not a whole metrics record (a torn write?); dropped", stacklevel=2)
+            continue
+        if isinstance(step, int) and step <= start:
+            kept.append(json.dumps(_strict(record), allow_nan=False) + "\n")
+    return kept
