@@ -161,3 +161,42 @@ def test_resume_with_no_valid_checkpoint_is_one_line(trained, tmp_path, capsys):
     err = _refused(capsys, ["train", "--quiet", str(base / "c.yaml"), *moved, "steps=4", "--resume"])
     assert "no checkpoint verifies (step-000003: state.json is missing or unreadable; step-000002" in err
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000001", "step-000002", "step-000003"]
+
+
+def test_one_run_per_folder_stale_locks_and_orphans(trained, tmp_path, capsys):
+    import shutil
+    import socket
+    import subprocess
+    import sys
+
+    from raymeta.run.lock import LOCK
+
+    base, args = trained
+    run = tmp_path / "run"
+    shutil.copytree(base / "run", run)
+    moved = [a if not a.startswith("out=") else f"out={run}" for a in args]
+    argv = ["train", "--quiet", str(base / "c.yaml"), *moved, "steps=4", "--resume"]
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:  # a live process of this host holds the folder: refused, nothing touched
+        owner = {"host": socket.gethostname(), "pid": live.pid, "started": "then"}
+        (run / LOCK).write_text(json.dumps(owner))
+        err = _refused(capsys, argv)
+        assert f"another raymeta run is using this folder (pid {live.pid}" in err
+        assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
+    finally:
+        live.kill()
+        live.wait()
+    # the same lock once its process is gone is stale: taken over; what killed writes left is removed
+    (run / "checkpoints" / ".step-000004.tmp-4242").mkdir()
+    (run / "checkpoints" / ".step-000004.tmp-4242" / "model.safetensors").write_bytes(b"x" * 4096)
+    (run / ".metrics.jsonl.abc123.tmp").write_text("half")
+    capsys.readouterr()
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "a stale lock of a process that is gone" in err and "interrupted writes left behind" in err
+    leftovers = [p.name for p in [*run.iterdir(), *(run / "checkpoints").iterdir()] if p.name.startswith(".")]
+    assert leftovers == []  # orphans gone, and the lock released at the end
+    # a lock of another host cannot be checked from here: refused, naming the file to delete
+    (run / LOCK).write_text(json.dumps({"host": "elsewhere", "pid": 1, "started": "then"}))
+    err = _refused(capsys, [*argv[:-2], "steps=5", "--resume"])
+    assert "pid 1 on elsewhere" in err and f"delete {run / LOCK}" in err

@@ -10,6 +10,7 @@ print(results["runs"]["direct/icl"]["all"]["mean"])
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +27,7 @@ from raymeta.models import check_weights, load_model, load_tokenizer, resolve_mo
 from raymeta.paths import paths
 from raymeta.run.checkpoint import latest_step, usable_checkpoint
 from raymeta.run.distributed import fit
+from raymeta.run.lock import clean_orphans, run_lock
 from raymeta.run.loop import Placement, StepHook, build_sampler, run_loop
 from raymeta.run.session import connect, joined_address
 from raymeta.storage import RunStore
@@ -59,6 +61,24 @@ def train(
         check_weights(cfg.run.model, cfg.weights, root)  # trainable / adapter.* against the model's names, before anything
     store = RunStore(cfg.run.out)
     store.check_writable()  # unreachable or read-only storage: one line, before anything starts
+    with run_lock(store.local) if store.local is not None else contextlib.nullcontext():
+        if store.local is not None:
+            clean_orphans(store.local)
+        return _train_locked(cfg, store, resume, progress, root, address, on_step, callbacks, after_step, allow_changes)
+
+
+def _train_locked(
+    cfg: TrainConfig,
+    store: RunStore,
+    resume: bool,
+    progress: bool,
+    root: Path | None,
+    address: str | None,
+    on_step: Callable[[dict[str, Any]], None] | None,
+    callbacks: list[Any] | None,
+    after_step: StepHook | None,
+    allow_changes: bool,
+) -> Path | str:
     latest = latest_step(store)
     if not resume and latest is not None:
         raise UserError(
