@@ -7,6 +7,7 @@ Bad input of any kind ends with one line on stderr naming the file, line or argu
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import warnings
@@ -62,6 +63,14 @@ _positive_float = _float_parser(allow_zero=False)
 _non_negative_float = _float_parser(allow_zero=True)
 
 
+def _positive_list(text: str) -> tuple[int, ...]:
+    values = _int_list(text)
+    bad = [v for v in values if v < 1]
+    if bad:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {bad[0]}")
+    return values
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -106,7 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--tasks", type=_str_list, required=True, help="comma-separated BIG-bench task paths")
     p.add_argument("--out", type=Path, required=True, help="output data folder")
-    p.add_argument("--k", type=_int_list, default=(16,), help="k of the k-shot files (default 16; comma-separated for several)")
+    p.add_argument(
+        "--k", type=_positive_list, default=(16,), help="k of the k-shot files (default 16; comma-separated for several)"
+    )
     p.add_argument("--seeds", type=_int_list, default=(100, 13, 21, 42, 87), help="seeds (default 100,13,21,42,87)")
     p.add_argument("--max-test", type=_positive, default=1000, help="cap on test examples per task (default 1000)")
     p.add_argument("--tarball", type=Path, default=None, help="bigbench-1.0.0.tar.gz (default: the fetched one)")
@@ -291,6 +302,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("raymeta: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # the machine, not raymeta: a full disk, a quota, a read-only or forbidden folder
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"raymeta: error: {where}{os.strerror(e.errno)} (what was being written was left as it was)", file=sys.stderr)
+        return 2
     except BrokenPipeError:  # output piped into a reader that stopped early (| head)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import types
 import typing
 import warnings
@@ -22,7 +23,7 @@ import yaml
 from raymeta.core.device import DEVICE_CHOICES, is_device_spec
 from raymeta.core.meta import METHODS, MOMENT_POLICIES, PRECISIONS, InnerConfig, MetaConfig, OuterConfig
 from raymeta.data.prompts import VARIANTS
-from raymeta.errors import UserError
+from raymeta.errors import UserError, echo
 from raymeta.io import read_yaml
 from raymeta.weights import ADAPTER_TYPES, AdapterConfig, WeightsConfig
 
@@ -56,7 +57,7 @@ PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 
 def _bad(where: str, key: str, expected: str, got: Any) -> UserError:
-    return UserError(f"expected {expected}, got {got!r}", key=key, where=where)
+    return UserError(f"expected {expected}, got {echo(got)}", key=key, where=where)
 
 
 def _at_least(where: str, low: int, pairs: Any) -> None:
@@ -267,30 +268,32 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
         return _coerce(value, inner, key, where)
     if origin is tuple:
         if not isinstance(value, list | tuple) or len(value) != len(typing.get_args(tp)):
-            raise UserError(f"{where}: {key}: expected a list of {len(typing.get_args(tp))} numbers, got {value!r}")
+            raise UserError(f"{where}: {key}: expected a list of {len(typing.get_args(tp))} numbers, got {echo(value)}")
         return tuple(_coerce(v, a, key, where) for v, a in zip(value, typing.get_args(tp)))
     if tp is bool:
         if not isinstance(value, bool):
-            raise UserError(f"{where}: {key}: expected true or false, got {value!r}")
+            raise UserError(f"{where}: {key}: expected true or false, got {echo(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise UserError(f"{where}: {key}: expected an integer, got {value!r}")
+            raise UserError(f"{where}: {key}: expected an integer, got {echo(value)}")
         return value
     if tp is float:
         if isinstance(value, str):  # PyYAML (YAML 1.1) reads 1e-5 without a dot as a string
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise UserError(f"{where}: {key}: expected a number, got {value!r}")
+            raise UserError(f"{where}: {key}: expected a number, got {echo(value)}")
+        if not math.isfinite(float(value)):  # nan would silently switch a check off (grad_clip), inf overflow
+            raise UserError(f"{where}: {key}: expected a finite number, got {echo(value)}")
         return float(value)
     if tp is str:
         if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
             return ",".join(value)  # a YAML list of names (adapter.target_modules)
         if not isinstance(value, str):
-            raise UserError(f"{where}: {key}: expected a string, got {value!r}")
+            raise UserError(f"{where}: {key}: expected a string, got {echo(value)}")
         return value
     raise TypeError(f"unsupported config type {tp}")
 

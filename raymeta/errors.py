@@ -8,7 +8,21 @@ from a config file or a `key=value` override, `--model: ...` when it came from a
 
 from __future__ import annotations
 
-__all__ = ["UserError"]
+import reprlib
+from typing import Any
+
+__all__ = ["MAX_LINE", "UserError", "echo"]
+
+MAX_LINE = 600  # an error line never echoes more (a YAML alias bomb once made one of 58 MB)
+
+
+_ECHO = reprlib.Repr()  # keyword arguments need Python 3.12
+_ECHO.maxlevel, _ECHO.maxlist, _ECHO.maxtuple, _ECHO.maxdict, _ECHO.maxstring, _ECHO.maxother = 3, 6, 6, 6, 120, 120
+
+
+def echo(value: Any) -> str:
+    """A bad value as an error message shows it: its repr, cut short (huge or deeply nested values stay cheap)."""
+    return _ECHO.repr(value)
 
 
 class UserError(Exception):
@@ -26,4 +40,7 @@ class UserError(Exception):
     def render(self, name: str | None = None) -> str:
         """The one line: `WHERE: NAME: detail`, NAME being the key unless the caller renames it (a CLI flag)."""
         parts = [p for p in (self.where, name or self.key) if p]
-        return ": ".join([*parts, self.detail])
+        line = ": ".join([*parts, self.detail]).replace("\n", " ")
+        if len(line) > MAX_LINE:
+            line = f"{line[: MAX_LINE - 60]} ... [{len(line) - MAX_LINE + 60} characters cut] {line[-40:]}"
+        return line

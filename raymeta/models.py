@@ -64,6 +64,11 @@ def adapter_base(folder: Path) -> str:
     return str(name)
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
+
+
 def quiet_libraries() -> None:
     """Transformers' info logs and progress bars off, tokenizers' thread pool off (we fork and use Ray)."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -107,9 +112,8 @@ def load_model(
         kwargs["attn_implementation"] = attn_implementation
     try:
         model: Any = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
-    except (OSError, ValueError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{spec}: cannot load a causal LM from {folder} ({first})", key="model") from None
+    except Exception as e:  # noqa: BLE001 - whatever the file is (truncated safetensors, a refused pickle), one line
+        raise UserError(f"{spec}: cannot load a causal LM from {folder} ({_first_line(e)})", key="model") from None
     return model.to(device).eval()
 
 
@@ -121,8 +125,8 @@ def load_tokenizer(spec: str, root: Path | None = None) -> Any:
         if (candidate / "tokenizer.json").is_file() or (candidate / "vocab.json").is_file():
             try:
                 return AutoTokenizer.from_pretrained(candidate, local_files_only=True, trust_remote_code=False)
-            except (OSError, ValueError) as e:
-                raise UserError(f"{spec}: cannot load the tokenizer in {candidate} ({e})", key="model") from None
+            except Exception as e:  # noqa: BLE001 - a garbage tokenizer file raises whatever its parser raises
+                raise UserError(f"{spec}: cannot load the tokenizer in {candidate} ({_first_line(e)})", key="model") from None
     if is_adapter_folder(folder):  # a bare PEFT adapter: its base model's tokenizer
         return load_tokenizer(adapter_base(folder), root)
     raise UserError(f"{spec}: no tokenizer files (tokenizer.json or vocab.json) in {folder}", key="model")

@@ -74,11 +74,15 @@ def read_examples(path: Path, *, task: str | None = None, for_test: bool = False
     if not path.is_file():
         raise UserError(f"{path}: file not found")
     examples: list[Example] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{where}: not UTF-8 text (byte {e.start} of the line)") from None
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
@@ -101,6 +105,13 @@ def _parse_example(obj: Any, where: str, *, task: str | None, for_test: bool) ->
     options = obj["options"]
     if not isinstance(options, list) or not all(isinstance(o, str) for o in options):
         raise UserError(f"{where}: 'options' must be a list of strings")
+    for key, text in [("task", obj["task"]), ("input", obj["input"]), ("output", obj["output"])] + [
+        ("options", o) for o in options
+    ]:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate (\ud800 in the JSON): no tokenizer takes it
+            raise UserError(f"{where}: {key!r} holds a lone UTF-16 surrogate, which is not text") from None
     if task is not None and obj["task"] != task:
         raise UserError(f"{where}: 'task' is {obj['task']!r}, expected {task!r} (the folder's task)")
     if for_test and len(options) < 2:
@@ -136,9 +147,17 @@ def _read_json(path: Path, what: str) -> Any:
     if not path.is_file():
         raise UserError(f"{path}: {what} not found")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start}); expected a JSON {what}") from None
     except json.JSONDecodeError as e:
         raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+
+
+def _check_name(name: str, what: str) -> None:
+    """A setting or task name is a file name inside the data folder: never a path out of it."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name or name.startswith("."):
+        raise UserError(f"{what} name {name!r}: expected a plain name (no '/', '\\' or leading '.'), not a path")
 
 
 class DataDir:
@@ -151,12 +170,15 @@ class DataDir:
 
     # --- paths -------------------------------------------------------------------------------
     def split_path(self, task: str, k: int, seed: int, split: str) -> Path:
+        _check_name(task, "task")
         return self.root / "data" / task / f"{task}_{k}_{seed}_{split}.jsonl"
 
     def setting_path(self, name: str) -> Path:
+        _check_name(name, "setting")
         return self.root / "config" / f"{name}.json"
 
     def task_meta_path(self, task: str) -> Path:
+        _check_name(task, "task")
         return self.root / "config" / "tasks" / f"{task}.json"
 
     def settings(self) -> list[str]:
@@ -185,6 +207,7 @@ class DataDir:
         if extra:
             raise UserError(f"{path}: 'unseen_domain_test' lists {extra[0]!r}, which is not in 'test'")
         for task in lists["train"] + lists["test"]:
+            _check_name(task, "task")
             if not (self.root / "data" / task).is_dir():
                 raise UserError(f"{path}: unknown task {task!r} (no folder {self.root / 'data' / task})")
         overlap = sorted(set(lists["train"]) & set(lists["test"]))
@@ -204,16 +227,31 @@ class DataDir:
             raise UserError(f"{path}: 'task_type' must be one of {', '.join(TASK_TYPES)}, got {obj.get('task_type')!r}")
         return obj
 
+    def _split_file(self, task: str, k: int, seed: int, split: str) -> Path:
+        """A target task's k-shot file; a missing one names the k and seeds the task does have."""
+        path = self.split_path(task, k, seed, split)
+        if not path.is_file():
+            have = sorted(
+                {p.name.split("_")[-3] for p in path.parent.glob(f"{task}_*_*_{split}.jsonl")} - {str(POOL_K)},
+                key=lambda x: int(x) if x.isdigit() else 0,
+            )
+            hint = f" (this task has k = {', '.join(have)}: pass --k {have[0]})" if have and str(k) not in have else ""
+            if str(k) in have:
+                seeds = sorted({p.name.split("_")[-2] for p in path.parent.glob(f"{task}_{k}_*_{split}.jsonl")})
+                hint = f" (its k={k} files have seeds {', '.join(seeds)})"
+            raise UserError(f"{path}: file not found{hint}")
+        return path
+
     def demonstrations(self, task: str, k: int, seed: int) -> list[Example]:
         """The k labelled examples of a target task for one seed (`{task}_{k}_{seed}_train.jsonl`)."""
-        path = self.split_path(task, k, seed, "train")
+        path = self._split_file(task, k, seed, "train")
         examples = read_examples(path, task=task)
         if len(examples) < k:
             raise UserError(f"{path}: has {len(examples)} examples, expected at least k={k}")
         return examples[:k]
 
     def test_examples(self, task: str, k: int, seed: int) -> list[Example]:
-        return read_examples(self.split_path(task, k, seed, "test"), task=task, for_test=True)
+        return read_examples(self._split_file(task, k, seed, "test"), task=task, for_test=True)
 
     def pool_examples(self, task: str) -> list[Example]:
         """A meta-training pool (`{task}_16384_100_train.jsonl`), validated."""
