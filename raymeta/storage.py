@@ -165,6 +165,12 @@ class RunStore:
             with file.open("rb") as src, self.fs.open_output_stream(target) as dst:
                 shutil.copyfileobj(src, dst, length=1 << 22)
 
+    def listing(self, rel: str) -> str:
+        """The files under `rel` with their sizes and modification times, one per line (a version tag)."""
+        infos = self.fs.get_file_info(pafs.FileSelector(self._path(rel), recursive=True))
+        rows = sorted(f"{i.path}\t{i.size}\t{i.mtime_ns}" for i in infos if i.type == pafs.FileType.File)
+        return "\n".join(rows) + "\n"
+
     def download(self, rel: str, folder: Path) -> None:
         infos = self.fs.get_file_info(pafs.FileSelector(self._path(rel), recursive=True))
         base = self._path(rel).rstrip("/") + "/"
@@ -179,14 +185,17 @@ class RunStore:
 
 def stage(uri: str, key: str = "model") -> Path:
     """A local copy of a folder on object storage (a checkpoint, a model), cached under raymeta's home
-    by URI; a checkpoint must be complete (have its state.json, when it is a checkpoint)."""
+    by URI and by a listing of the remote files (paths, sizes, modification times): an object store
+    that now holds something else at that URI is downloaded again."""
     base, _, rel = uri.rstrip("/").rpartition("/")
     store = RunStore(base, key=key)
     if not store.exists(rel):
         raise UserError(f"{uri}: not found", key=key)
     folder = paths().root / "staged" / hashlib.sha256(uri.encode()).hexdigest()[:16] / rel
-    if not (folder / ".complete").is_file():
+    listing = store.listing(rel)
+    marker = folder / ".complete"
+    if not marker.is_file() or marker.read_text(encoding="utf-8", errors="replace") != listing:
         with atomic_dir(folder) as tmp:
             store.download(rel, tmp)
-            (tmp / ".complete").write_text(uri + "\n")
+            (tmp / ".complete").write_text(listing)
     return folder
