@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from raymeta.core.device import DEVICE_CHOICES, is_device_spec
-from raymeta.core.meta import METHODS, MOMENT_POLICIES, PRECISIONS, InnerConfig, MetaConfig, OuterConfig
+from raymeta.core.meta import MAX_LR, METHODS, MOMENT_POLICIES, PRECISIONS, InnerConfig, MetaConfig, OuterConfig
 from raymeta.data.prompts import VARIANTS
 from raymeta.errors import UserError, echo
 from raymeta.io import read_yaml
@@ -134,8 +134,8 @@ class ValidationConfig:
             0,
             (("validation.tasks", self.tasks), ("validation.every", self.every), ("validation.adapt_steps", self.adapt_steps)),
         )
-        if not self.adapt_lr > 0:
-            raise _bad(where, "validation.adapt_lr", "a positive number", self.adapt_lr)
+        if not 0 < self.adapt_lr <= MAX_LR:
+            raise _bad(where, "validation.adapt_lr", f"a positive number <= {MAX_LR:g}", self.adapt_lr)
 
 
 @dataclass

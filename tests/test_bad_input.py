@@ -125,6 +125,7 @@ CASES: dict[str, tuple[Case, str]] = {
     # --- config files and overrides -------------------------------------------------------------
     "inf inner.lr": (_train("inner:\n  lr: .inf\n"), "inner.lr: expected a finite number, got inf"),
     "nan outer.lr": (_train("outer:\n  lr: .nan\n"), "outer.lr: expected a finite number, got nan"),
+    "huge outer.lr": (_train("{}\n", "outer.lr=1e300"), "outer.lr: expected a positive number <= 1e+06"),
     "nan eps": (_train("eps: .nan\n"), "eps: expected a finite number"),
     "inf weight_decay": (_train("weight_decay: .inf\n"), "weight_decay: expected a finite number"),
     "nan grad_clip": (_train("grad_clip: .nan\n"), "grad_clip: expected a finite number"),

@@ -73,6 +73,9 @@ class OuterConfig:
     lr: float = 1e-5
 
 
+MAX_LR = 1e6  # Adam's step lr / (1 - beta1) must fit a float32; 1e6 is far beyond any useful rate
+
+
 @dataclass
 class MetaConfig:
     """The algorithm: method, inner and outer optimizers, moment policy, clipping, precision.
@@ -107,8 +110,8 @@ class MetaConfig:
             if value not in allowed:
                 raise bad(key, "one of " + ", ".join(allowed), value)
         for key, rate in (("inner.lr", self.inner.lr), ("outer.lr", self.outer.lr)):
-            if not rate > 0:
-                raise bad(key, "a positive number", rate)
+            if not 0 < rate <= MAX_LR:
+                raise bad(key, f"a positive number <= {MAX_LR:g} (larger ones overflow the float32 update)", rate)
         for key, number in (
             ("eps", self.eps),
             ("eps_root", self.eps_root),

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from raymeta.core.lm import FunctionalLM
+from raymeta.core.meta import MAX_LR
 from raymeta.core.optim import OPTIMIZERS, OptimizerSpec, optimizer_step, zeros_state
 from raymeta.data.layout import Example
 from raymeta.data.prompts import PromptBuilder, make_batch
@@ -35,8 +36,8 @@ class AdaptConfig:
             raise UserError(f"expected a positive integer, got {self.steps}", key="adapt.steps")
         if self.optimizer not in OPTIMIZERS:
             raise UserError(f"expected one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}", key="adapt.optimizer")
-        if not self.lr > 0:
-            raise UserError(f"expected a positive number, got {self.lr}", key="adapt.lr")
+        if not 0 < self.lr <= MAX_LR:
+            raise UserError(f"expected a positive number <= {MAX_LR:g}, got {self.lr}", key="adapt.lr")
 
 
 @contextmanager
