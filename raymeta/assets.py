@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from raymeta.data import bigbench
 from raymeta.errors import UserError
-from raymeta.io import atomic_dir, atomic_write_json
+from raymeta.io import atomic_dir, atomic_write_json, sha256_file
 from raymeta.paths import BIGBENCH_TARBALL, Paths, paths
 
 __all__ = ["PACKAGES", "Paths", "paths", "index_url", "download", "fetch", "sha256_file"]
@@ -59,14 +59,6 @@ _SANITY_TEXT = "The capital of France is Paris."
 def index_url() -> str:
     """$RAYMETA_INDEX_URL, else $PIP_INDEX_URL, else PyPI's simple index."""
     return (os.environ.get("RAYMETA_INDEX_URL") or os.environ.get("PIP_INDEX_URL") or "https://pypi.org/simple").rstrip("/")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class _Links(html.parser.HTMLParser):

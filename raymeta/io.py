@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -13,7 +14,7 @@ import yaml
 
 from raymeta.errors import UserError
 
-__all__ = ["atomic_write_text", "atomic_write_bytes", "atomic_write_json", "atomic_dir", "read_yaml"]
+__all__ = ["atomic_write_text", "atomic_write_bytes", "atomic_write_json", "atomic_dir", "read_yaml", "sha256_file"]
 
 
 # One mode for every file raymeta writes: what `open()` would give a new file (0o666 less the umask: 0644
@@ -21,6 +22,14 @@ __all__ = ["atomic_write_text", "atomic_write_bytes", "atomic_write_json", "atom
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 FILE_MODE = 0o666 & ~_UMASK
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _fsync_dir(folder: Path) -> None:

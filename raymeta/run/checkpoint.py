@@ -15,7 +15,6 @@ before manifests existed (no `format` in state.json) are checked for their files
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import warnings
@@ -27,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from raymeta.core.optim import AdamState
 from raymeta.errors import UserError
-from raymeta.io import atomic_write_json
+from raymeta.io import atomic_write_json, sha256_file
 from raymeta.storage import RunStore, stage
 from raymeta.weights import base_fingerprint, is_adapter_folder, write_base_record
 
@@ -120,18 +119,10 @@ def write_checkpoint(
     atomic_write_json(folder / MANIFEST, {"files": _file_records(folder)})
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _file_records(folder: Path) -> dict[str, list[Any]]:
     """[size, sha256] of every file of a checkpoint folder but the manifest, by relative path."""
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST and not p.name.startswith("."))
-    return {p.relative_to(folder).as_posix(): [p.stat().st_size, _sha256(p)] for p in files}
+    return {p.relative_to(folder).as_posix(): [p.stat().st_size, sha256_file(p)] for p in files}
 
 
 def verify_checkpoint(folder: Path) -> str | None:
@@ -156,7 +147,7 @@ def verify_checkpoint(folder: Path) -> str | None:
             return f"{rel} is missing"
         if path.stat().st_size != size:
             return f"{rel} has {path.stat().st_size} bytes, its manifest says {size} (truncated?)"
-        if _sha256(path) != digest:
+        if sha256_file(path) != digest:
             return f"{rel} does not match its sha256 in the manifest (corrupt)"
     return None
 
