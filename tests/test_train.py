@@ -103,7 +103,10 @@ def test_refuses_to_overwrite_a_run_and_to_resume_nothing(tmp_path, tiny_setup, 
 BAD = [
     ("method: maml", "config.yaml: method: expected one of maml_en_llm, fomaml, reptile, metaicl, got 'maml'"),
     ("inner:\n  optimizer: lion", "inner.optimizer: expected one of sgd, adam, adamw, got 'lion'"),
-    ("outer:\n  lr: -0.001", "outer.lr: expected a positive number, got -0.001"),
+    (
+        "outer:\n  lr: -0.001",
+        "outer.lr: expected a positive number <= 1e+06 (larger ones overflow the float32 update), got -0.001",
+    ),
     ("inner:\n  steps: 0", "inner.steps: expected an integer >= 1, got 0"),
     ("inner_lr: 0.1", "unknown key 'inner_lr'"),
     ("keep_checkpoints: -1", "keep_checkpoints: expected a number >= 0, got -1"),
@@ -131,7 +134,10 @@ def test_bad_override_on_the_command_line(tmp_path, capsys):
     path = tmp_path / "config.yaml"
     path.write_text("steps: 1\n")
     assert main(["train", "--quiet", str(path), "inner.lr=-1"]) == 2
-    assert "inner.lr: expected a positive number, got -1.0" in capsys.readouterr().err
+    assert (
+        "inner.lr: expected a positive number <= 1e+06 (larger ones overflow the float32 update), got -1.0"
+        in capsys.readouterr().err
+    )
     assert main(["train", "--quiet", str(path), "nonsense"]) == 2
     assert "override 'nonsense': expected key=value" in capsys.readouterr().err
     assert main(["train", "--quiet", str(path), "outer.optimizer=adagrad"]) == 2
