@@ -122,6 +122,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-test", type=_positive, default=1000, help="cap on test examples per task (default 1000)")
     p.add_argument("--tarball", type=Path, default=None, help="bigbench-1.0.0.tar.gz (default: the fetched one)")
     p.set_defaults(func=commands.cmd_data_bigbench, parser=p)
+    p = dsub.add_parser(
+        "import",
+        help="import a task from JSONL, CSV, Parquet or a datasets folder into MetaICL's layout",
+        description="Read every row of SOURCES (one task), map its fields, detect the task type, split it "
+        "(test, meta-training pool, k-shot demonstrations per seed, deterministic), write it into OUT's MetaICL "
+        "layout and, with --setting, add it to that setting and validate the setting as `data check` does. "
+        "Every row is checked before anything is written.",
+    )
+    p.add_argument(
+        "sources", type=Path, nargs="+", help="files (.jsonl, .csv, .parquet) or a save_to_disk folder; rows of all are one task"
+    )
+    p.add_argument("--out", type=Path, required=True, help="data folder to write into (created or extended)")
+    p.add_argument("--task", required=True, help="the task's name in the layout")
+    p.add_argument("--format", default=None, help="jsonl, csv, parquet or datasets (default: from the suffix)")
+    p.add_argument(
+        "--input", type=_str_list, default=("input",), help="input field(s), comma-separated: joined by newlines (default input)"
+    )
+    p.add_argument(
+        "--output", default="output", help="output field: text, or an index into the options / ClassLabel names (default output)"
+    )
+    p.add_argument(
+        "--options", default=None, help="options field: a list, or text split on --options-sep (default: 'options' if present)"
+    )
+    p.add_argument("--options-sep", default="|", help="separator of options given as text (default |)")
+    p.add_argument("--task-type", default="auto", help="auto (default), classification, multi-choice or free-form")
+    p.add_argument(
+        "--max-classes",
+        type=_positive,
+        default=20,
+        help="auto: at most this many distinct outputs make a classification task (default 20)",
+    )
+    p.add_argument("--split", default=None, help="a datasets folder with several splits: read only this one (default: all)")
+    p.add_argument("--setting", default=None, help="add the task to config/SETTING.json (created if missing)")
+    p.add_argument("--role", default="train", help="train (meta-training; the default), test or unseen_domain_test (a target)")
+    p.add_argument(
+        "--k", type=_positive_list, default=(16,), help="k of the k-shot files (default 16; comma-separated for several)"
+    )
+    p.add_argument("--seeds", type=_int_list, default=(100, 13, 21, 42, 87), help="seeds (default 100,13,21,42,87)")
+    p.add_argument("--max-test", type=_positive, default=1000, help="cap on test examples (default 1000)")
+    p.set_defaults(func=commands.cmd_data_import, parser=p)
     p = dsub.add_parser("check", help="validate a data folder", description="Validate every setting and the files it references.")
     p.add_argument("dir", type=Path, help="data folder (with data/ and config/)")
     p.add_argument("--setting", type=_str_list, default=None, help="only these settings (default: all in config/)")
@@ -180,7 +220,38 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--address", default=None, help="join this Ray cluster (default: $RAY_ADDRESS, else an embedded local one)")
     p.add_argument("--threads", type=_positive, default=None, help="torch CPU threads")
+    p.add_argument(
+        "--ray-logs",
+        action="store_true",
+        help="also show the Ray processes' own output here (default: one progress line per meta-step; Ray's logs "
+        "are always in its log folder and the dashboard)",
+    )
     p.set_defaults(func=commands.cmd_train, parser=p)
+
+    p = sub.add_parser(
+        "plot",
+        help="learning curves of one or several runs as a PNG",
+        description="Draw meta (query) loss, support loss, held-out validation score and loss and the meta-gradient "
+        "norm of each run's metrics.jsonl, runs overlaid (labelled by folder). Runs may be on object storage.",
+    )
+    p.add_argument("runs", nargs="+", help="run folders of raymeta train (OUT), local or s3://...")
+    p.add_argument(
+        "--out", type=Path, default=None, help="PNG to write (default: RUN/curves.png for one local run, else ./curves.png)"
+    )
+    p.add_argument("--smooth", type=_positive, default=1, help="moving average over N steps, raw curves faint (default 1: none)")
+    p.set_defaults(func=commands.cmd_plot, parser=p)
+
+    config = sub.add_parser("config", help="show a resolved meta-training config")
+    gsub = config.add_subparsers(dest="config_command", required=True, parser_class=_Parser)
+    p = gsub.add_parser(
+        "show",
+        help="print the resolved config (defaults, the file, the overrides), validated",
+        description="Print the config `raymeta train CONFIG KEY=VALUE ...` would run, every key resolved, as YAML "
+        "(the same file the run writes as OUT/config.yaml). Nothing is run or written.",
+    )
+    p.add_argument("config", type=Path, nargs="?", default=None, help="YAML config (default: only the defaults)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. inner.steps=2")
+    p.set_defaults(func=commands.cmd_config_show, parser=p)
 
     p = sub.add_parser(
         "tune",

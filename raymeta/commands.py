@@ -56,6 +56,43 @@ def cmd_data_bigbench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_import(args: argparse.Namespace) -> int:
+    from raymeta.data.importer import ImportSpec, import_task
+
+    spec = ImportSpec(
+        task=args.task,
+        input=args.input,
+        output=args.output,
+        options=args.options,
+        options_sep=args.options_sep,
+        task_type=args.task_type,
+        max_classes=args.max_classes,
+        split=args.split,
+    )
+    done = import_task(
+        args.sources,
+        args.out,
+        spec,
+        fmt=args.format,
+        setting=args.setting,
+        role=args.role,
+        ks=args.k,
+        seeds=args.seeds,
+        max_test=args.max_test,
+    )
+    print(
+        f"{args.out}: task {done['task']} ({done['task_type']}, {done['examples']} examples: {done.get('test', 0)} test, "
+        f"{done['pool']} in the pool)" + (f", in setting {done['setting']}" if "setting" in done else "")
+    )
+    if "checked" in done:
+        c = done["checked"]
+        print(
+            f"setting {done['setting']}: OK - {c['train_tasks']} meta-train and {c['test_tasks']} target task(s), "
+            f"{c['files']} files"
+        )
+    return 0
+
+
 def cmd_data_check(args: argparse.Namespace) -> int:
     from raymeta.data import DataDir
 
@@ -167,7 +204,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     final = train(
-        cfg, resume=args.resume, progress=not args.quiet, root=args.home, address=args.address, allow_changes=args.allow_changes
+        cfg,
+        resume=args.resume,
+        progress=not args.quiet,
+        root=args.home,
+        address=args.address,
+        allow_changes=args.allow_changes,
+        ray_logs=args.ray_logs,
     )
     print(metrics_table(cfg.run.out))
     if all_steps_skipped(cfg.run.out):
@@ -183,6 +226,32 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plot(args: argparse.Namespace) -> int:
+    from raymeta.run.plots import plot_runs
+    from raymeta.storage import is_uri
+
+    out = args.out
+    if out is None:
+        one_local = len(args.runs) == 1 and not is_uri(str(args.runs[0]))
+        out = Path(args.runs[0]) / "curves.png" if one_local else Path("curves.png")
+    if out.suffix.lower() != ".png":
+        raise UserError(f"{out}: expected a .png file", key="out")
+    print(f"learning curves: {plot_runs([str(r) for r in args.runs], out, smooth=args.smooth)}")
+    return 0
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    """The resolved config (defaults, then the file, then the overrides), validated, as YAML."""
+    import yaml
+
+    from raymeta.config import load_config, to_dict
+
+    cfg = load_config(args.config, args.overrides)
+    print(f"# {args.config or 'defaults'}" + (" with " + " ".join(args.overrides) if args.overrides else ""))
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+    return 0
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
     import json
 
@@ -193,7 +262,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     sweep = load_sweep(args.sweep, num_samples=args.num_samples, out=args.out)
     summary = run_sweep(sweep, resume=args.resume, address=args.address, root=args.home, verbose=0 if args.quiet else 1)
     print(json.dumps(summary, indent=2))
-    print(f"trials: {sweep.out / 'trials.csv'}  plots: {sweep.out}/{{objective,importance,parallel}}.png")
+    print(f"trials: {sweep.out / 'trials.csv'}  plots: {sweep.out}/{{objective,importance,parallel,slice}}.png")
+    print(f"live study: optuna-dashboard sqlite:///{(sweep.out / 'study.db').resolve()}")
     if sweep.remote:
         print(f"(a local copy of {sweep.remote}: the trials' runs and the experiment state are there)")
     if summary["best"] is not None:

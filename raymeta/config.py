@@ -38,6 +38,7 @@ __all__ = [
     "MetaConfig",
     "OuterConfig",
     "PlacementConfig",
+    "TRACKERS",
     "RunConfig",
     "TaskConfig",
     "TrainConfig",
@@ -53,6 +54,7 @@ __all__ = [
 ]
 
 EXECUTORS = ("auto", "local", "ray")
+TRACKERS = ("none", "tensorboard", "mlflow")
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 
@@ -149,12 +151,19 @@ class RunConfig:
     keep_checkpoints: int = 0  # 0 keeps every checkpoint; N > 0 keeps the newest N (a SmolLM2 checkpoint is 1.6 GB)
     log_every: int = 1
     out: str = "runs/train"
+    tracking: str = "none"  # none | tensorboard | mlflow (rank 0 logs what metrics.jsonl holds, and the config)
+    tracking_uri: str | None = None  # mlflow: its tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///OUT/mlflow.db)
+    tracking_experiment: str = "raymeta"  # mlflow: the experiment's name
     validation: ValidationConfig = field(default_factory=ValidationConfig)
 
     def validate(self, where: str) -> None:
         _at_least(where, 1, (("steps", self.steps), ("checkpoint_every", self.checkpoint_every), ("log_every", self.log_every)))
         if self.keep_checkpoints < 0:
             raise _bad(where, "keep_checkpoints", "a number >= 0", self.keep_checkpoints)
+        if self.tracking not in TRACKERS:
+            raise _bad(where, "tracking", "one of " + ", ".join(TRACKERS), self.tracking)
+        if not self.tracking_experiment.strip():
+            raise _bad(where, "tracking_experiment", "a non-empty name", self.tracking_experiment)
         self.validation.validate(where)
 
 

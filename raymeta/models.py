@@ -95,6 +95,7 @@ def load_model(
     trainable) with `trainable`, else as the Hugging Face model with its LoRA layers in place."""
     from transformers import AutoModelForCausalLM  # deferred: transformers loads only to load a model
 
+    quiet_libraries()  # here too: Ray workers and tasks load models without the CLI's set-up
     if dtype not in _DTYPES:
         raise UserError(f"expected one of {', '.join(_DTYPES)}, got {dtype!r}", key="dtype")
     folder = resolve_model_dir(spec, root)

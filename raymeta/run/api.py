@@ -46,6 +46,7 @@ def train(
     callbacks: list[Any] | None = None,
     after_step: StepHook | None = None,
     allow_changes: bool = False,
+    ray_logs: bool = False,
 ) -> Path | str:
     """Run (or resume) meta-training, on Ray Train workers or (distributed=false) in this process;
     returns the final checkpoint (a local folder, or its URI when `out` is on object storage).
@@ -55,7 +56,8 @@ def train(
     function or object); `callbacks` are Ray Train callbacks (e.g. Tune's `TuneReportCallback`).
 
     A resumed run must ask for the config its checkpoint was trained with, but for its steps,
-    checkpointing and logging; `allow_changes` lets the placement keys (devices, workers) differ too."""
+    checkpointing and logging; `allow_changes` lets the placement keys (devices, workers) differ too.
+    `ray_logs` shows the Ray processes' own output here (off: one progress line per meta-step)."""
     cfg.validate()
     if not resume:
         check_weights(cfg.run.model, cfg.weights, root)  # trainable / adapter.* against the model's names, before anything
@@ -64,7 +66,7 @@ def train(
     with run_lock(store.local) if store.local is not None else contextlib.nullcontext():
         if store.local is not None:
             clean_orphans(store.local)
-        return _train_locked(cfg, store, resume, progress, root, address, on_step, callbacks, after_step, allow_changes)
+        return _train_locked(cfg, store, resume, progress, root, address, on_step, callbacks, after_step, allow_changes, ray_logs)
 
 
 def _train_locked(
@@ -78,6 +80,7 @@ def _train_locked(
     callbacks: list[Any] | None,
     after_step: StepHook | None,
     allow_changes: bool,
+    ray_logs: bool,
 ) -> Path | str:
     latest = latest_step(store)
     if not resume and latest is not None:
@@ -100,10 +103,20 @@ def _train_locked(
         # pre-flight on the driver: bad data, setting or model fail here in one line, not inside a Ray worker
         build_sampler(cfg, root)
         resolve_model_dir(cfg.run.model, root)
-        final = fit(cfg, store, latest, address=address, progress=progress, root=root, callbacks=callbacks, after_step=after_step)
+        final = fit(
+            cfg,
+            store,
+            latest,
+            address=address,
+            progress=progress,
+            root=root,
+            callbacks=callbacks,
+            after_step=after_step,
+            ray_logs=ray_logs,
+        )
         return _final(store, final)
     if cfg.placement.executor == "ray":  # tasks as Ray tasks from this process
-        connect(address, log_to_driver=progress)
+        connect(address, log_to_driver=ray_logs)
     done = run_loop(
         cfg, Placement(store), resume_dir=resume_dir, progress=progress, root=root, on_step=on_step, after_step=after_step
     )
@@ -112,7 +125,16 @@ def _train_locked(
 
 
 # A resumed run may always change how long it runs and how it checkpoints and logs ...
-RUN_CONTROL = ("steps", "checkpoint_every", "keep_checkpoints", "log_every", "validation.every")
+RUN_CONTROL = (
+    "steps",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "log_every",
+    "validation.every",
+    "tracking",
+    "tracking_uri",
+    "tracking_experiment",
+)
 # ... and, with `allow_changes`, where it runs: the same algorithm, but a trajectory that is bit-exact only
 # on the same placement (another number of workers sums the meta-gradients in another order).
 PLACEMENT = (

@@ -11,10 +11,13 @@ from the last one. `ray.init()` starts an embedded local cluster unless an addre
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +35,7 @@ from raymeta.config import TrainConfig, apply_overrides, to_dict
 from raymeta.core.meta import Accumulator, MetaLearner, host_values
 from raymeta.errors import UserError
 from raymeta.run.checkpoint import local_checkpoint
-from raymeta.run.loop import Placement, StepHook, run_loop
+from raymeta.run.loop import Placement, StepHook, progress_line, run_loop
 from raymeta.run.session import check_resources, connect, progress_while_short
 from raymeta.storage import RunStore
 
@@ -92,17 +95,11 @@ def _worker(config: dict[str, Any]) -> None:
     gauges = _gauges() if rank == 0 else {}
 
     def publish(record: dict[str, Any]) -> None:
-        """Rank 0: Ray metrics (dashboard, Prometheus) and a progress line on the driver."""
+        """Rank 0: Ray metrics (dashboard, Prometheus); the driver prints progress from metrics.jsonl."""
         if rank != 0:
             return
         for key, gauge in gauges.items():
             gauge.set(float(record[key]), tags={"run": config["name"]})
-        print(
-            f"[raymeta] step {record['step']}/{cfg.run.steps} meta_loss {record['meta_loss']:.4f} support_loss "
-            f"{record['support_loss']:.4f} grad_norm {record['grad_norm']:.3g} tokens/s {record['tokens_per_s']:.0f} "
-            f"skipped {record['skipped_steps']}" + (f" val_score {record['val_score']:.4f}" if "val_score" in record else ""),
-            flush=True,
-        )
 
     class RayPlacement(Placement):
         def save(self, step: int, write: Any, record: dict[str, Any]) -> str:
@@ -147,6 +144,50 @@ def _worker(config: dict[str, Any]) -> None:
     )
 
 
+class StepPrinter:
+    """On the driver, while Ray Train runs: one progress line per new record of the run's metrics.jsonl
+    (rank 0 appends one per meta-step), polled every `every` seconds (object storage: every 5 s)."""
+
+    def __init__(self, out: RunStore, steps: int, method: str, start: int = 0, every: float | None = None) -> None:
+        self.out, self.steps, self.method = out, steps, method
+        self.every = every if every is not None else (5.0 if out.remote else 1.0)
+        self.done = threading.Event()
+        self.seen = self.first = start  # a resumed run prints from its checkpoint's step on
+        self.began = time.monotonic()
+
+    def _records(self) -> list[dict[str, Any]]:
+        try:
+            data = self.out.read_bytes("metrics.jsonl") if self.out.exists("metrics.jsonl") else b""
+        except OSError:
+            return []
+        records = []
+        for line in data.splitlines():
+            with contextlib.suppress(ValueError):
+                records.append(json.loads(line))
+        return [r for r in records if isinstance(r, dict) and isinstance(r.get("step"), int)]
+
+    def poll(self) -> None:
+        for record in self._records():
+            if record["step"] > self.seen:
+                self.seen = record["step"]
+                rate = (time.monotonic() - self.began) / max(self.seen - self.first, 1)
+                print(progress_line(record, self.steps, rate, self.method), flush=True)
+
+    def _run(self) -> None:
+        while not self.done.wait(self.every):
+            self.poll()
+
+    def __enter__(self) -> StepPrinter:
+        self.thread = threading.Thread(target=self._run, name="raymeta-progress", daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.done.set()
+        self.thread.join()
+        self.poll()
+
+
 def fit(
     cfg: TrainConfig,
     out: RunStore,
@@ -157,11 +198,14 @@ def fit(
     root: Path | None,
     callbacks: list[Any] | None = None,
     after_step: StepHook | None = None,
+    ray_logs: bool = False,
 ) -> str:
     """Run meta-training as a Ray Train job; returns where the final checkpoint is (a path or a URI).
-    `latest` is the checkpoint (`checkpoints/step-N` in `out`) to resume from."""
+    `latest` is the checkpoint (`checkpoints/step-N` in `out`) to resume from. With `progress` the driver
+    prints one line per meta-step (read from the run's metrics.jsonl); the Ray processes' own output
+    reaches this terminal only with `ray_logs` (it is always in Ray's log folder and the dashboard)."""
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")  # report latency: ~2 s otherwise
-    joined = connect(address, log_to_driver=progress)
+    joined = connect(address, log_to_driver=ray_logs)
     place = cfg.placement
     what = "num_workers x (cpus_per_worker, use_gpu) + one Ray task (cpus_per_task, gpus_per_task)"
     check_resources(place.cpus_needed(), place.gpus_needed(), joined=joined, what=what)
@@ -191,7 +235,9 @@ def fit(
             callbacks=callbacks,
         ),
     )
-    with progress_while_short(place.cpus_needed(), place.gpus_needed()):
+    start = int(latest.rsplit("-", 1)[1]) if latest else 0
+    watch = StepPrinter(out, cfg.run.steps, cfg.meta.method, start) if progress else contextlib.nullcontext()
+    with progress_while_short(place.cpus_needed(), place.gpus_needed()), watch:
         result = trainer.fit()
     if result.error is not None:
         raise result.error

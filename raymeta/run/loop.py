@@ -25,7 +25,6 @@ from typing import Any
 
 import torch
 import yaml
-from tqdm import tqdm
 
 from raymeta.config import TrainConfig, to_dict
 from raymeta.core.device import resolve_device
@@ -36,10 +35,11 @@ from raymeta.data.sampler import MetaBatchSampler, TaskSample
 from raymeta.models import load_tokenizer, load_trainable, resolve_model_dir
 from raymeta.run.checkpoint import load_optimizer, prune_checkpoints, write_checkpoint
 from raymeta.run.executor import make_executor
+from raymeta.run.tracking import open_tracker
 from raymeta.run.validation import HeldOut, held_out_data, held_out_tasks, validate
 from raymeta.storage import RunStore
 
-__all__ = ["Placement", "StepHook", "build_sampler", "run_loop"]
+__all__ = ["Placement", "StepHook", "build_sampler", "progress_line", "run_loop"]
 
 StepHook = Callable[[int, dict[str, Any]], None]
 """Called on every worker after each meta-step (and its checkpoint) with (rank, the step's metrics)."""
@@ -145,65 +145,94 @@ def run_loop(
 
     t = cfg.tasks
     builder = PromptBuilder(tokenizer, PromptFormat(t.variant, t.max_length_per_example, t.max_length))  # type: ignore[arg-type]
-    bar = tqdm(
-        total=run.steps, initial=start, desc=f"{cfg.meta.method} meta-training", unit="step", disable=not (progress and lead)
-    )
-    final: str | None = str(resume_dir) if resume_dir is not None else None
-    for step in range(start + 1, run.steps + 1):
-        mine = sampler.sample()[place.rank :: place.world]  # every worker draws the same global batch
-        began = time.perf_counter()
-        acc = executor.accumulate(learner, [_tokenize(s, builder) for s in mine])
-        if place.reduce is not None:
-            acc = place.reduce(acc, learner)
-        m = learner.apply(acc)
-        seconds = time.perf_counter() - began
-        record: dict[str, Any] = {
-            "step": step,
-            "meta_loss": m.query_loss,
-            "support_loss": m.support_loss,
-            "query_loss": m.query_loss,
-            "grad_norm": m.grad_norm,
-            "skipped_steps": learner.skipped,
-            "tokens": m.n_tokens,
-            "seconds": seconds,
-            "tokens_per_s": m.n_tokens / seconds,
-            "meta_steps_per_s": 1 / seconds,
-            "peak_rss_mb": _peak_rss_mb(),
-        }
-        every = run.validation.every
-        validating = held is not None and (step == run.steps or (every > 0 and step % every == 0))
-        if held is not None and validating and lead:
-            record.update(validate(model, tokenizer, held, cfg))
-        if lead:
-            logged.append(json.dumps(_strict(record), allow_nan=False) + "\n")
-            store.append_line("metrics.jsonl", logged[-1], "".join(logged))
-        if on_step is not None:
-            on_step(record)
-        bar.update(1)
-        bar.set_postfix(meta_loss=f"{m.query_loss:.3f}", support=f"{m.support_loss:.3f}", skipped=learner.skipped)
-        if step % run.checkpoint_every == 0 or step == run.steps:
+    tracker = open_tracker(cfg, store, start) if lead else None
+    began_run = time.perf_counter()
+    try:
+        final: str | None = str(resume_dir) if resume_dir is not None else None
+        for step in range(start + 1, run.steps + 1):
+            mine = sampler.sample()[place.rank :: place.world]  # every worker draws the same global batch
+            began = time.perf_counter()
+            acc = executor.accumulate(learner, [_tokenize(s, builder) for s in mine])
+            if place.reduce is not None:
+                acc = place.reduce(acc, learner)
+            m = learner.apply(acc)
+            seconds = time.perf_counter() - began
+            record: dict[str, Any] = {
+                "step": step,
+                "meta_loss": m.query_loss,
+                "support_loss": m.support_loss,
+                "query_loss": m.query_loss,
+                "grad_norm": m.grad_norm,
+                "skipped_steps": learner.skipped,
+                "tokens": m.n_tokens,
+                "seconds": seconds,
+                "tokens_per_s": m.n_tokens / seconds,
+                "meta_steps_per_s": 1 / seconds,
+                "peak_rss_mb": _peak_rss_mb(),
+            }
+            every = run.validation.every
+            validating = held is not None and (step == run.steps or (every > 0 and step % every == 0))
+            if held is not None and validating and lead:
+                record.update(validate(model, tokenizer, held, cfg))
+            if lead:
+                logged.append(json.dumps(_strict(record), allow_nan=False) + "\n")
+                store.append_line("metrics.jsonl", logged[-1], "".join(logged))
+                if tracker is not None:
+                    tracker.log(_strict(record))
+                if progress:
+                    rate = (time.perf_counter() - began_run) / (step - start)
+                    print(progress_line(_strict(record), run.steps, rate, cfg.meta.method), flush=True)
+            if on_step is not None:
+                on_step(record)
+            if step % run.checkpoint_every == 0 or step == run.steps:
 
-            def write(folder: Path, at: int = step) -> None:
-                write_checkpoint(
-                    folder,
-                    model,
-                    tokenizer,
-                    learner.state,
-                    step=at,
-                    sampler_state=sampler.state(),
-                    skipped=learner.skipped,
-                    config=to_dict(cfg),
-                )
+                def write(folder: Path, at: int = step) -> None:
+                    write_checkpoint(
+                        folder,
+                        model,
+                        tokenizer,
+                        learner.state,
+                        step=at,
+                        sampler_state=sampler.state(),
+                        skipped=learner.skipped,
+                        config=to_dict(cfg),
+                    )
 
-            final = place.save(step, write, record)
-            if lead and run.keep_checkpoints:
-                prune_checkpoints(store, run.keep_checkpoints)
-        elif place.report is not None and (step % run.log_every == 0 or validating):
-            place.report(record)
-        if after_step is not None:
-            after_step(place.rank, record)
-    bar.close()
+                final = place.save(step, write, record)
+                if tracker is not None:
+                    tracker.flush()
+                if lead and run.keep_checkpoints:
+                    prune_checkpoints(store, run.keep_checkpoints)
+            elif place.report is not None and (step % run.log_every == 0 or validating):
+                place.report(record)
+            if after_step is not None:
+                after_step(place.rank, record)
+    finally:
+        if tracker is not None:
+            tracker.close()
     return final
+
+
+def progress_line(record: dict[str, Any], steps: int, rate: float, method: str) -> str:
+    """The one line printed per meta-step: where the run is, its losses, its speed and time left (at `rate`
+    seconds per step)."""
+    step = int(record["step"])
+    val = f" val_score {record['val_score']:.4f}" if isinstance(record.get("val_score"), float) else ""
+    fmt = lambda v: "nan" if v is None else f"{v:.4f}"  # noqa: E731 - a non-finite loss is null in the record
+    return (
+        f"[raymeta] {method} step {step}/{steps}  meta_loss {fmt(record['meta_loss'])}  support_loss "
+        f"{fmt(record['support_loss'])}  grad_norm {record['grad_norm'] or float('nan'):.3g}  "
+        f"{record['seconds']:.1f} s/step  skipped {record['skipped_steps']}{val}  eta {_clock(rate * (steps - step))}"
+    )
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return (
+        f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+        if seconds >= 3600
+        else f"{seconds // 60}:{seconds % 60:02d}"
+    )
 
 
 def _strict(record: dict[str, Any]) -> dict[str, Any]:

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import secrets
@@ -58,6 +59,7 @@ def connect(
     # reads when it picks the address. So the switch is off while this node starts (Ray is pinned).
     from ray._private import ray_constants
 
+    _hide_token_notice()
     clusters = ray_constants.ENABLE_RAY_CLUSTER
     ray_constants.ENABLE_RAY_CLUSTER = False
     try:
@@ -65,6 +67,20 @@ def connect(
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = clusters
     return False
+
+
+class _TokenNotice(logging.Filter):
+    """Ray's "Token authentication is enabled ... set RAY_AUTH_MODE=disabled to opt out" warning: raymeta
+    turned it on itself, with a token of this process, so the advice to opt out is noise here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Token authentication is enabled" not in record.getMessage()
+
+
+def _hide_token_notice() -> None:
+    for handler in logging.getLogger("ray").handlers:
+        if not any(isinstance(f, _TokenNotice) for f in handler.filters):
+            handler.addFilter(_TokenNotice())
 
 
 def _check_reachable(target: str, timeout: float = 5.0) -> None:

@@ -29,7 +29,9 @@ compares trials at equal meta-steps. The run folder holds:
     trials/<trial_id>/   each trial's meta-training run (config.yaml, metrics.jsonl, checkpoints/)
     trials.csv           every trial: status, parameters, objective
     best_config.yaml     the best trial's full config; `raymeta train best_config.yaml` runs it
-    objective.png, importance.png, parallel.png
+    objective.png, importance.png, parallel.png, slice.png   Optuna's matplotlib plots of the finished trials
+
+Optuna's dashboard reads the study as it runs: `optuna-dashboard sqlite:///OUT/study.db`.
 """
 
 from raymeta.tune.run import run_sweep

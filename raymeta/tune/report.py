@@ -20,7 +20,6 @@ import yaml
 from raymeta.config import to_dict
 from raymeta.io import atomic_write_bytes, atomic_write_text
 from raymeta.storage import RunStore
-from raymeta.tune.space import Param, encode
 from raymeta.tune.sweep import Sweep, trial_config
 
 matplotlib.use("Agg")
@@ -94,96 +93,54 @@ def _best(sweep: Sweep, rows: Sequence[TrialRow]) -> TrialRow | None:
     return (max if sweep.mode == "max" else min)(done, key=lambda r: r.value)  # type: ignore[arg-type,return-value]
 
 
-def _plots(sweep: Sweep, rows: Sequence[TrialRow]) -> list[Path]:
-    import matplotlib.pyplot as plt  # deferred: pyplot is loaded only to draw
+def _study(sweep: Sweep, rows: Sequence[TrialRow]) -> optuna.Study:
+    """The finished trials (those with a value) as an in-memory Optuna study, for Optuna's own plots."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    dists = {p.name: p.distribution() for p in sweep.space}
+    study = optuna.create_study(study_name=sweep.name, direction="maximize" if sweep.mode == "max" else "minimize")
+    for r in rows:
+        if r.value is not None and all(v is not None for v in r.params.values()):
+            study.add_trial(optuna.trial.create_trial(params=dict(r.params), distributions=dists, value=r.value))
+    return study
 
-    def save(fig: Any, name: str) -> Path:
+
+PLOTS = {
+    "objective.png": "plot_optimization_history",
+    "importance.png": "plot_param_importances",
+    "parallel.png": "plot_parallel_coordinate",
+    "slice.png": "plot_slice",
+}
+
+
+def _plots(sweep: Sweep, rows: Sequence[TrialRow]) -> list[Path]:
+    """Optuna's matplotlib plots of the sweep (history, importances, parallel coordinates with the
+    space's log axes, slices), each a PNG in the sweep folder; a plot Optuna cannot draw yet (fewer
+    than 2 finished trials) is a figure that says so."""
+    import warnings
+
+    import matplotlib.pyplot as plt  # deferred: pyplot is loaded only to draw
+    from optuna.visualization import matplotlib as optuna_plots
+
+    study = _study(sweep, rows)
+    written = []
+    for name, function in PLOTS.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Optuna's ExperimentalWarning, and its warnings on too few trials
+            try:
+                drawn: Any = getattr(optuna_plots, function)(study, target_name=sweep.metric)
+            except (ValueError, RuntimeError, ZeroDivisionError) as e:
+                drawn = plt.subplots(figsize=(6, 2))[1]
+                drawn.text(0.5, 0.5, f"not drawn yet: {str(e).splitlines()[0][:80]}", ha="center", va="center")
+                drawn.set_axis_off()
+        ax = drawn.flat[0] if hasattr(drawn, "flat") else drawn
+        fig = ax.figure
+        fig.suptitle(f"{sweep.name}: {len(study.trials)} finished trials", fontsize=9)
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
         plt.close(fig)
         atomic_write_bytes(sweep.out / name, buf.getvalue())
-        return sweep.out / name
-
-    written = []
-    scored = [(r.number, r) for r in rows if r.value is not None]
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    colors = {"completed": "tab:blue", "stopped_early": "tab:orange", "error": "tab:red"}
-    for status, color in colors.items():
-        pts = [(i, float(r.value or 0.0)) for i, r in scored if r.status == status]
-        if pts:
-            ax.scatter([p[0] for p in pts], [p[1] for p in pts], color=color, label=status)
-    best_so_far, running = [], None
-    for _, r in scored:
-        assert r.value is not None
-        running = r.value if running is None else (max if sweep.mode == "max" else min)(running, r.value)
-        best_so_far.append(running)
-    if scored:
-        ax.step([i for i, _ in scored], best_so_far, where="post", color="gray", label="best so far")
-    ax.set_xlabel("trial (in the order they started)")
-    ax.set_ylabel(sweep.metric)
-    ax.set_title(f"{sweep.name}: {sweep.metric} per trial (last report)")
-    ax.legend(fontsize=8)
-    written.append(save(fig, "objective.png"))
-
-    importances = _importances(sweep, rows)
-    fig, ax = plt.subplots(figsize=(6, 0.5 + 0.4 * max(1, len(importances))))
-    if importances:
-        names = list(importances)[::-1]
-        ax.barh(names, [importances[n] for n in names])
-        ax.set_xlabel("importance (Optuna fANOVA)")
-    else:
-        ax.text(0.5, 0.5, "needs at least 2 finished trials that differ", ha="center", va="center")
-        ax.set_axis_off()
-    ax.set_title(f"{sweep.name}: parameter importances")
-    written.append(save(fig, "importance.png"))
-
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * (len(sweep.space) + 1)), 4))
-    axes = [p.name for p in sweep.space] + [sweep.metric]
-
-    def position(p: Param | None, value: Any, all_values: list[Any]) -> float:
-        if p is None or p.kind != "choice":
-            nums = [float(v) for v in all_values if v is not None]
-            lo, hi = min(nums), max(nums)
-            x = float(value)
-            if p is not None and p.kind in ("loguniform", "logint"):
-                lo, hi, x = math.log(lo), math.log(hi), math.log(x)
-            return 0.5 if hi == lo else (x - lo) / (hi - lo)
-        choices = [encode(v) for v in p.args]
-        return choices.index(value) / max(1, len(choices) - 1)
-
-    if scored:
-        values = [r.value for _, r in scored]
-        lo, hi = min(values), max(values)  # type: ignore[type-var]
-        cmap = plt.get_cmap("viridis")
-        for _, r in scored:
-            ys = [position(p, r.params[p.name], [x.params[p.name] for _, x in scored]) for p in sweep.space]
-            ys.append(position(None, r.value, values))
-            shade = 0.5 if hi == lo else (r.value - lo) / (hi - lo)  # type: ignore[operator]
-            ax.plot(range(len(axes)), ys, color=cmap(shade if sweep.mode == "max" else 1 - shade), alpha=0.8)
-    ax.set_xticks(range(len(axes)), axes, rotation=20, fontsize=8)
-    ax.set_yticks([])
-    ax.set_title(f"{sweep.name}: parallel coordinates (colour: {sweep.metric}, brighter is better)")
-    written.append(save(fig, "parallel.png"))
+        written.append(sweep.out / name)
     return written
-
-
-def _importances(sweep: Sweep, rows: Sequence[TrialRow]) -> dict[str, float]:
-    """Optuna's fANOVA importances over the finished trials (empty when they cannot be computed)."""
-    trials = []
-    dists = {p.name: p.distribution() for p in sweep.space}
-    for r in rows:
-        if r.value is None or any(v is None for v in r.params.values()):
-            continue
-        trials.append(optuna.trial.create_trial(params=dict(r.params), distributions=dists, value=r.value))
-    if len(trials) < 2:
-        return {}
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(direction="maximize" if sweep.mode == "max" else "minimize")
-    study.add_trials(trials)
-    try:
-        return dict(optuna.importance.get_param_importances(study))
-    except (RuntimeError, ValueError):
-        return {}
 
 
 def write_outputs(sweep: Sweep, results: Any) -> dict[str, Any]:
@@ -211,7 +168,7 @@ def write_outputs(sweep: Sweep, results: Any) -> dict[str, Any]:
     _plots(sweep, rows)
     if sweep.remote:  # the files the sweep wrote in its staging folder go to the sweep's place on object storage
         store = RunStore(sweep.remote)
-        for name in ("trials.csv", "best_config.yaml", "study.db", "objective.png", "importance.png", "parallel.png"):
+        for name in ("trials.csv", "best_config.yaml", "study.db", *PLOTS):
             if (sweep.out / name).is_file():
                 store.write_bytes(name, (sweep.out / name).read_bytes())
     return summary
