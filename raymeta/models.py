@@ -1,8 +1,10 @@
-"""Loading a causal LM and its tokenizer: the built-in SmolLM2, any Hugging Face folder, a checkpoint, or
-a PEFT adapter folder (a LoRA checkpoint) on the base model it names.
+"""Loading a causal LM and its tokenizer: the built-in SmolLM2, any Hugging Face folder, a hub id
+(`ORG/NAME[@REVISION]`, see `raymeta.hub`), a checkpoint, or a PEFT adapter folder (a LoRA checkpoint)
+on the base model it names.
 
-Loading is local only (`local_files_only=True`) and `trust_remote_code` stays off: raymeta never
-fetches weights from a hub at run time and never runs code shipped with a model folder.
+Loading reads local folders only (`local_files_only=True`) and `trust_remote_code` stays off: a hub id
+is first resolved to its snapshot in the hub's cache (safetensors only), and raymeta never runs code
+shipped with a model folder.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 
 from raymeta.core.lm import hf_model
 from raymeta.errors import UserError
+from raymeta.hub import is_hub_id, snapshot
 from raymeta.paths import paths
 from raymeta.storage import is_uri, stage
 from raymeta.weights import BASE_FILE, WeightsConfig, is_adapter_folder, load_adapter, prepare, restrict
@@ -42,8 +45,10 @@ def resolve_model_dir(spec: str, root: Path | None = None) -> Path:
             raise UserError(f"builtin: SmolLM2 is not fetched yet ({folder}); run `raymeta fetch` first", key="model")
         return folder
     folder = stage(spec) if is_uri(spec) else Path(spec).expanduser()  # on object storage: a local copy
+    if not folder.is_dir() and is_hub_id(spec):
+        folder = snapshot(spec)  # ORG/NAME[@REVISION]: the hub's cache (offline mode honoured)
     if not folder.is_dir():
-        raise UserError(f"{spec}: folder not found (expected 'builtin' or a Hugging Face model folder)", key="model")
+        raise UserError(f"{spec}: folder not found (expected 'builtin', a Hugging Face model folder or hub id)", key="model")
     for candidate in (folder, folder / "model"):
         if (candidate / "config.json").is_file() or is_adapter_folder(candidate):
             return candidate

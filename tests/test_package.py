@@ -19,6 +19,7 @@ LAYERS = {
     "raymeta.io": 0,
     "raymeta.storage": 0,
     "raymeta.provenance": 0,
+    "raymeta.hub": 0,
     "raymeta.core": 1,
     "raymeta.data": 2,
     "raymeta.models": 2,
@@ -173,14 +174,14 @@ def test_errors_name_the_key_as_the_user_wrote_it(tmp_path, capsys):
     assert main(["eval", "--model", str(missing), "--data", str(data), "--setting", "toy", "--k", "4"]) == 2
     assert (
         capsys.readouterr().err
-        == f"raymeta: error: --model: {missing}: folder not found (expected 'builtin' or a Hugging Face model folder)\n"
+        == f"raymeta: error: --model: {missing}: folder not found (expected 'builtin', a Hugging Face model folder or hub id)\n"
     )
     config = tmp_path / "c.yaml"
     config.write_text(f"model: {missing}\ndata: {data}\nsetting: toy\nk: 2\nout: {tmp_path / 'run'}\ndistributed: false\n")
     assert main(["train", "--quiet", str(config)]) == 2
     assert (
         capsys.readouterr().err
-        == f"raymeta: error: model: {missing}: folder not found (expected 'builtin' or a Hugging Face model folder)\n"
+        == f"raymeta: error: model: {missing}: folder not found (expected 'builtin', a Hugging Face model folder or hub id)\n"
     )
     assert main(["eval", "--data", str(data), "--setting", "toy", "--truncation", "both"]) == 2
     assert capsys.readouterr().err == "raymeta: error: --truncation: expected one of metaicl, shared, got 'both'\n"

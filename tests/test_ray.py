@@ -145,3 +145,11 @@ def test_two_lora_workers_follow_the_single_process_trajectory(ray_local, tiny_f
     assert frozen_b and all(not a[n].any() for n in frozen_b)  # layer 0's adapters stay at PEFT's zero B
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6)
+
+
+def test_the_driver_prints_one_progress_line_per_meta_step(ray_local, tiny_folder, capfd):
+    train(_cfg(tiny_folder, "progress", "num_workers=1", "steps=3"), progress=True)
+    out = capfd.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("[raymeta] ")]
+    assert [line.split("  ")[0] for line in lines] == [f"[raymeta] maml_en_llm step {s}/3" for s in (1, 2, 3)], out
+    assert "Loading weights" not in out

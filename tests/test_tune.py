@@ -57,6 +57,7 @@ def _sweep_file(root: Path, name: str, **changes) -> Path:
             "max_length": 256,
             "steps": 4,
             "validation": {"tasks": 1, "every": 1, "k": 2, "test_examples": 6},
+            "tracking": "tensorboard",
         },
         "metric": "val_loss",
         "num_samples": 4,
@@ -150,8 +151,14 @@ def test_sweep_runs_trials_in_the_space_stops_some_early_and_its_best_config_tra
     best = summary["best"]
     completed = [r for r in rows if r["status"] == "completed"]
     assert best["val_loss"] == pytest.approx(min(float(r["val_loss"]) for r in completed))
-    for name in ("objective.png", "importance.png", "parallel.png", "study.db", "best_config.yaml"):
+    for name in ("objective.png", "importance.png", "parallel.png", "slice.png", "study.db", "best_config.yaml"):
         assert (sweep.out / name).is_file() and (sweep.out / name).stat().st_size > 0, name
+    from tests.test_ecosystem import scalars
+
+    for row in rows:  # tracking: tensorboard in the base config: every trial's curve, as its metrics.jsonl holds it
+        curve = scalars(sweep.out / "trials" / row["trial_id"] / "tensorboard")["meta_loss"]
+        metrics = [json.loads(x) for x in (sweep.out / "trials" / row["trial_id"] / "metrics.jsonl").read_text().splitlines()]
+        assert curve == {m["step"]: pytest.approx(m["meta_loss"]) for m in metrics}
 
     import optuna
 

@@ -8,9 +8,10 @@ an integer indexes the row's options or the column's `ClassLabel` names), `optio
 string split on `--options-sep`; absent for free-form tasks). The task type is detected -- the same
 options on every row: classification; options that vary: multi-choice; no options: classification
 when the outputs take at most `max_classes` values (those become the options), else free-form -- or
-given. The task is split as `raymeta data bigbench` splits BIG-bench tasks (a shuffle seeded by the
-task's name: half, at most `max_test`, for test; the rest as the meta-training pool and the k-shot
-demonstrations, one draw per seed), then checked as `raymeta data check` checks a folder. Every row is
+given. A target task (`--role test`) is split as `raymeta data bigbench` splits BIG-bench tasks (a
+shuffle seeded by the task's name: half, at most `max_test`, for test; the rest as the pool the k-shot
+demonstrations are drawn from, one draw per seed); a meta-training task puts every row in its pool
+(at most 16384). Then the setting is checked as `raymeta data check` checks a folder. Every row is
 read and checked before anything is written.
 """
 
@@ -238,7 +239,7 @@ def import_task(
         existing = json.loads(setting_file.read_text())
         layout.update({k: list(v) for k, v in existing.items() if k in layout})
     # everything read and checked: now write the task, then the setting, then check the whole setting
-    sizes = write_task(task, out, ks=ks, seeds=seeds, max_test=max_test)
+    sizes = write_task(task, out, ks=ks, seeds=seeds, max_test=max_test if test_role else 0)  # a meta-train task: all in the pool
     result: dict[str, Any] = {"task": spec.task, "task_type": task.task_type, "examples": len(task.examples), **sizes}
     if setting_file is not None:
         roles = ("test", "unseen_domain_test") if role == "unseen_domain_test" else (role,)

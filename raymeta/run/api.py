@@ -30,6 +30,7 @@ from raymeta.run.distributed import fit
 from raymeta.run.lock import clean_orphans, run_lock
 from raymeta.run.loop import Placement, StepHook, build_sampler, run_loop
 from raymeta.run.session import connect, joined_address
+from raymeta.run.tracking import check_tracking
 from raymeta.storage import RunStore
 
 __all__ = ["evaluate", "train"]
@@ -61,6 +62,7 @@ def train(
     cfg.validate()
     if not resume:
         check_weights(cfg.run.model, cfg.weights, root)  # trainable / adapter.* against the model's names, before anything
+    check_tracking(cfg)  # MLflow missing, or no place for its store: one line, before anything
     store = RunStore(cfg.run.out)
     store.check_writable()  # unreachable or read-only storage: one line, before anything starts
     with run_lock(store.local) if store.local is not None else contextlib.nullcontext():

@@ -26,9 +26,9 @@ import yaml
 
 from raymeta.config import TRACKERS, TrainConfig, flatten, to_dict
 from raymeta.errors import UserError
-from raymeta.storage import RunStore
+from raymeta.storage import RunStore, is_uri
 
-__all__ = ["TRACKERS", "Tracker", "mlflow_uri", "open_tracker"]
+__all__ = ["TRACKERS", "Tracker", "check_tracking", "mlflow_uri", "open_tracker"]
 
 MLFLOW_RUN = "mlflow_run.json"
 
@@ -75,34 +75,42 @@ class TensorBoard:
             self.store.upload(self.folder, "tensorboard")
 
 
-def mlflow_uri(cfg: TrainConfig, store: RunStore) -> str:
+def mlflow_uri(cfg: TrainConfig) -> str:
     """Where MLflow runs go: `tracking_uri`, else $MLFLOW_TRACKING_URI, else SQLite in the run folder."""
     if cfg.run.tracking_uri:
         return cfg.run.tracking_uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    if store.local is None:
+    if is_uri(cfg.run.out):
         raise UserError(
-            f"{store}: an MLflow store cannot live on object storage; set tracking_uri (e.g. sqlite:///runs/mlflow.db "
+            f"{cfg.run.out}: an MLflow store cannot live on object storage; set tracking_uri (e.g. sqlite:///runs/mlflow.db "
             "or http://mlflow-server:5000) or $MLFLOW_TRACKING_URI",
             key="tracking_uri",
         )
-    return f"sqlite:///{store.local / 'mlflow.db'}"
+    return f"sqlite:///{Path(cfg.run.out).expanduser().resolve() / 'mlflow.db'}"
 
 
-class MLflow:
-    def __init__(self, cfg: TrainConfig, store: RunStore, start: int) -> None:
+def check_tracking(cfg: TrainConfig) -> None:
+    """Pre-flight, before anything starts: the tracker's library is there and its store can be named."""
+    if cfg.run.tracking == "mlflow":
         try:
-            from mlflow.entities import Param
-            from mlflow.tracking import MlflowClient
+            import mlflow  # noqa: F401
         except ImportError:
             raise UserError(
                 "tracking: mlflow needs MLflow: pip install 'raymeta[mlflow]' (or mlflow-skinny)", key="tracking"
             ) from None
+        mlflow_uri(cfg)
+
+
+class MLflow:
+    def __init__(self, cfg: TrainConfig, store: RunStore, start: int) -> None:
         import logging
 
+        from mlflow.entities import Param
+        from mlflow.tracking import MlflowClient
+
         logging.getLogger("mlflow").setLevel(logging.WARNING)  # its "creating tables" info lines
-        self.client = MlflowClient(tracking_uri=mlflow_uri(cfg, store))
+        self.client = MlflowClient(tracking_uri=mlflow_uri(cfg))
         self.store = store
         known = json.loads(store.read_text(MLFLOW_RUN)) if start and store.exists(MLFLOW_RUN) else None
         if known is not None:

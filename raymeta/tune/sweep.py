@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -199,4 +200,8 @@ def trial_config(sweep: Sweep, params: dict[str, Any], out: str | Path) -> Train
     run.checkpoint_every = every
     run.log_every = every
     run.out = str(out)
+    if run.tracking == "mlflow" and not run.tracking_uri and not os.environ.get("MLFLOW_TRACKING_URI"):
+        run.tracking_uri = f"sqlite:///{sweep.out.resolve() / 'mlflow.db'}"  # one store for the sweep: a run per trial
+    if run.tracking_experiment == TrainConfig().run.tracking_experiment:
+        run.tracking_experiment = sweep.name
     return cfg
