@@ -60,6 +60,14 @@ def connect(
     from ray._private import ray_constants
 
     _hide_token_notice()
+    if not hasattr(ray_constants, "ENABLE_RAY_CLUSTER"):  # another Ray than the one tested (requirements.lock)
+        warnings.warn(
+            f"Ray {ray.__version__} lacks the switch raymeta uses to keep an embedded cluster on loopback; its servers "
+            "may listen on this host's address (token auth still applies)",
+            stacklevel=2,
+        )
+        ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host=LOOPBACK, log_to_driver=log_to_driver)
+        return False
     clusters = ray_constants.ENABLE_RAY_CLUSTER
     ray_constants.ENABLE_RAY_CLUSTER = False
     try:
