@@ -169,16 +169,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=_int_list, default=(100, 13, 21, 42, 87), help="seeds (default 100,13,21,42,87)")
     p.set_defaults(func=commands.cmd_data_check, parser=p)
 
-    cluster = sub.add_parser("cluster", help="check cluster files for `ray up`")
+    cluster = sub.add_parser("cluster", help="check cluster files: `ray up` YAML, KubeRay manifests, the Dockerfile")
     csub = cluster.add_subparsers(dest="cluster_command", required=True, parser_class=_Parser)
     p = csub.add_parser(
         "check",
-        help="validate cluster files offline (Ray's validator plus safety checks)",
-        description="Validate `ray up` cluster files without contacting a cloud: Ray's own config checks and schema, "
-        "then raymeta's safety rules (token auth on, dashboard on the head's loopback, no credentials, torch pinned "
-        "before raymeta). One line per problem; exit 2 if any.",
+        help="validate cluster files offline (Ray's validator, KubeRay fields, safety checks)",
+        description="Validate without contacting a cloud or a Kubernetes API: `ray up` files (Ray's own config checks "
+        "and schema, then token auth on, dashboard on the head's loopback, no credentials, torch pinned before "
+        "raymeta); KubeRay RayCluster/RayJob manifests (required fields, pinned images, no credentials, token auth, "
+        "dashboard internal, a RayJob's raymeta config loaded and its workers fitting the pods); a Dockerfile (pinned "
+        "base, torch then requirements.lock then raymeta, non-root). One line per problem; exit 2 if any.",
     )
-    p.add_argument("files", type=Path, nargs="+", help="cluster YAML files (e.g. cluster.yaml cluster-onprem.yaml)")
+    p.add_argument(
+        "files", type=Path, nargs="+", help="cluster.yaml, k8s/*.yaml, Dockerfile (a RayJob's selected RayCluster among them)"
+    )
     p.set_defaults(func=commands.cmd_cluster_check, parser=p)
 
     p = sub.add_parser(

@@ -11,6 +11,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from raymeta.errors import UserError
 
@@ -272,11 +273,30 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_cluster_check(args: argparse.Namespace) -> int:
-    from raymeta.cluster import check_cluster_file
+    from raymeta.cluster import Report, check_cluster_file
+    from raymeta.io import read_yaml
+    from raymeta.kube import check_dockerfile, check_manifest, is_manifest
 
+    docs: dict[Path, Any] = {}
+    for path in args.files:  # every file read first: a RayJob may select a RayCluster of a later file
+        if not path.name.startswith("Dockerfile"):
+            docs[path] = read_yaml(path, "cluster file")
+    clusters: dict = {}
+    reports: dict[Path, Report] = {}
+    firsts = [p for p, d in docs.items() if is_manifest(d) and d.get("kind") == "RayCluster"]
+    for path in firsts + [p for p in args.files if p not in firsts]:
+        doc = docs.get(path)
+        if path.name.startswith("Dockerfile"):
+            if not path.is_file():
+                raise UserError(f"{path}: Dockerfile not found")
+            reports[path] = check_dockerfile(path)
+        elif is_manifest(doc):
+            reports[path] = check_manifest(doc, path, clusters)  # type: ignore[arg-type]
+        else:
+            reports[path] = check_cluster_file(path)
     worst = 0
     for path in args.files:
-        report = check_cluster_file(path)
+        report = reports[path]
         for line in report.errors:
             print(f"raymeta: error: {path}: {line}", file=sys.stderr)
         for line in report.warnings:

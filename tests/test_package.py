@@ -30,6 +30,7 @@ LAYERS = {
     "raymeta.config": 3,
     "raymeta.run": 4,
     "raymeta.tune": 5,
+    "raymeta.kube": 5,
     "raymeta.commands": 6,
     "raymeta.cli": 6,
     "raymeta.__main__": 6,
