@@ -396,3 +396,27 @@ def test_hub_ids_resolve_offline_from_the_hub_cache_with_revision_pinning(tiny_f
         assert main(["eval", "--model", spec, "--data", str(tiny_folder / "data"), "--setting", "toy", "--k", "4"]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"raymeta: error: --model: {message}") and err.count("\n") == 1, err
+
+
+def test_sweep_trials_share_one_mlflow_store_named_after_the_sweep(tmp_path, monkeypatch):
+    from raymeta.tune.sweep import load_sweep, trial_config
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    path = tmp_path / "s.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "lrs",
+                "config": {"tracking": "mlflow", "validation": {"tasks": 2}},
+                "metric": "val_score",
+                "space": {"outer.lr": {"loguniform": [1e-5, 1e-3]}},
+                "out": str(tmp_path / "sweep"),
+            }
+        )
+    )
+    sweep = load_sweep(path)
+    cfg = trial_config(sweep, {"outer.lr": 1e-4}, tmp_path / "sweep" / "trials" / "t1")
+    assert cfg.run.tracking_uri == f"sqlite:///{(tmp_path / 'sweep').resolve() / 'mlflow.db'}"
+    assert cfg.run.tracking_experiment == "lrs"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")  # the user's own server wins
+    assert trial_config(sweep, {"outer.lr": 1e-4}, tmp_path / "t2").run.tracking_uri is None

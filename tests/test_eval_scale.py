@@ -90,6 +90,19 @@ def test_examples_needed_scales_the_example_variance():
     assert p["n_test_needed"] > 50  # 50 examples leave about ±13 points
 
 
+def test_paired_over_training_seeds_holds_the_spread_between_runs():
+    runs_a = [{"per_task": {"t": _record("accuracy", n=200, seed=i)}} for i in (1, 2, 3)]
+    same = stats.paired_over_training_seeds(runs_a, runs_a, ["t"])
+    assert same["diff"] == 0 and same["ci95"][0] < 0 < same["ci95"][1]  # the same runs, drawn apart
+    assert same["per_seed"]["a"] == [r["per_task"]["t"]["mean"] for r in runs_a]
+    one = stats.paired(runs_a[0], runs_a[1], ["t"])
+    over = stats.paired_over_training_seeds(runs_a[:1], runs_a[1:2], ["t"])
+    assert over["diff"] == pytest.approx(one["diff"]) and over["ci95"] == pytest.approx(one["ci95"])  # one run a side: `paired`
+    assert over["t_ci95"] is None
+    lo, hi = same["t_ci95"]
+    assert lo < 0 < hi and hi == pytest.approx(-lo)  # Welch: symmetric about a zero difference
+
+
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory, gpt2_tokenizer):
     return tiny_run_folder(tmp_path_factory.mktemp("toy"), gpt2_tokenizer)

@@ -20,7 +20,18 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["REPLICATES", "SEED", "METHOD", "Draws", "draws", "task_replicates", "summary_ci", "paired", "examples_needed"]
+__all__ = [
+    "REPLICATES",
+    "SEED",
+    "METHOD",
+    "Draws",
+    "draws",
+    "task_replicates",
+    "summary_ci",
+    "paired",
+    "paired_over_training_seeds",
+    "examples_needed",
+]
 
 REPLICATES = 2000
 SEED = 0
@@ -142,3 +153,88 @@ def examples_needed(
         "var_seeds": var_s,
         "n_test_needed": None if scale is None else int(np.ceil(n * scale)),
     }
+
+
+def paired_over_training_seeds(
+    runs_a: Sequence[dict[str, Any]], runs_b: Sequence[dict[str, Any]], tasks: Sequence[str]
+) -> dict[str, Any]:
+    """mean(A) − mean(B) where A and B are each several meta-training runs (training seeds) of a method,
+    all evaluated on the same tasks, seeds and test examples.
+
+    A replicate draws the training runs of A and of B with replacement (independently: run i of A and
+    run i of B share nothing but their seed number) and, for every drawn run, the same test-example and
+    evaluation-seed draws (the paired bootstrap of `paired`), so the interval holds all three sources of
+    variance. With 3 runs a side the resampling of training runs is coarse; `per_seed` lists each run's
+    mean and `t_ci95` gives Welch's t interval over the runs' means as a cross-check."""
+    if not runs_a or not runs_b:
+        raise ValueError("expected at least one run of each method")
+    ra = np.array([run_replicates(r, tasks) for r in runs_a])  # (Ra, B)
+    rb = np.array([run_replicates(r, tasks) for r in runs_b])
+    rng = np.random.default_rng([SEED, len(runs_a), len(runs_b), zlib.crc32(",".join(tasks).encode())])
+    b = ra.shape[1]
+    pick_a = rng.integers(0, len(runs_a), size=(b, len(runs_a)))
+    pick_b = rng.integers(0, len(runs_b), size=(b, len(runs_b)))
+    cols = np.arange(b)[:, None]
+    diff = ra[pick_a, cols].mean(1) - rb[pick_b, cols].mean(1)
+    means_a = [_mean(r, tasks) for r in runs_a]
+    means_b = [_mean(r, tasks) for r in runs_b]
+    point = float(np.mean(means_a) - np.mean(means_b))
+    lo, hi = _ci(diff)
+    return {
+        "a": float(np.mean(means_a)),
+        "b": float(np.mean(means_b)),
+        "diff": point,
+        "ci95": [lo, hi],
+        "resolved": lo > 0 or hi < 0,
+        "per_seed": {"a": means_a, "b": means_b},
+        "t_ci95": _welch(means_a, means_b),
+    }
+
+
+def _welch(a: Sequence[float], b: Sequence[float]) -> list[float] | None:
+    """Welch's 95 % t interval of mean(a) − mean(b); None with fewer than 2 values a side."""
+    if len(a) < 2 or len(b) < 2:
+        return None
+    va, vb = np.var(a, ddof=1) / len(a), np.var(b, ddof=1) / len(b)
+    se = float(np.sqrt(va + vb))
+    d = float(np.mean(a) - np.mean(b))
+    if se == 0:
+        return [d, d]
+    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    t = float(np.interp(df, np.arange(1, len(_T975) + 1), _T975)) if df <= len(_T975) else 1.96
+    return [d - t * se, d + t * se]
+
+
+# Student's t 97.5 % quantiles for 1..30 degrees of freedom (Welch's df is fractional: interpolated)
+_T975 = (
+    12.706,
+    4.303,
+    3.182,
+    2.776,
+    2.571,
+    2.447,
+    2.365,
+    2.306,
+    2.262,
+    2.228,
+    2.201,
+    2.179,
+    2.160,
+    2.145,
+    2.131,
+    2.120,
+    2.110,
+    2.101,
+    2.093,
+    2.086,
+    2.080,
+    2.074,
+    2.069,
+    2.064,
+    2.060,
+    2.056,
+    2.052,
+    2.048,
+    2.045,
+    2.042,
+)

@@ -1,0 +1,365 @@
+"""The paper's comparison with statistical power at CPU scale: a resumable campaign of jobs.
+
+The protocol (fixed before running) is in docs/results.md; this file is it as code. Jobs run in a fixed
+order of priority, each one resumable and idempotent:
+
+- `sweep`: a grid Tune sweep of one method's learning rate on held-out meta-train tasks (never the
+  targets); its best point becomes that method's learning rate in every arm that uses the sweep.
+- `raw`: the untouched model's evaluation (zero-shot and ICL), the reference rows.
+- `model`: one meta-training run (a method, an arm, a training seed), then its evaluations (ICL, and
+  ICL after adaptation where the arm asks), then its learning curve is kept and its checkpoint deleted
+  (a SmolLM2 checkpoint with optimizer state is 1.6 GB; the evaluations are what the report reads).
+
+    python -m bench.paper plan                     # every job, done or not, in the order they run
+    python -m bench.paper run [--only PREFIX] [--max-jobs N]   # run what is not done (rerun after a kill)
+    python -m bench.paper report                   # tables, paired CIs over training seeds, plots: from what is done
+
+Big files (checkpoints, sweep folders) go to --runs (default runs/paper); what the report reads (eval
+JSON with every prediction, learning curves, sweep tables, progress.json) goes to --out (default
+bench/results/paper) and is committed. `--size smoke` runs the same campaign on a tiny model in minutes
+(the tests use it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SEEDS = (0, 1, 2)
+LR_GRID = (1e-5, 3e-5, 1e-4, 3e-4)
+LORA_LR_GRID = (1e-4, 3e-4, 1e-3, 3e-3)
+METHODS = ("metaicl", "maml_en_llm", "fomaml", "reptile")
+
+SIZES: dict[str, dict[str, Any]] = {
+    "cpu": {
+        "train": {
+            "k": 4,
+            "tasks_per_step": 2,
+            "support_size": 1,
+            "query_size": 1,
+            "max_length": 256,
+            "max_length_per_example": 64,
+            "moment_policy": "shared",
+            "inner": {"optimizer": "adamw", "steps": 1},
+            "outer": {"optimizer": "adamw"},
+            "checkpoint_every": 10,
+            "keep_checkpoints": 1,
+            "distributed": False,
+        },
+        "steps": 60,
+        "sweep": {"steps": 20, "validation": {"tasks": 4, "every": 20, "k": 4, "test_examples": 32, "seeds": 2}},
+        "eval": {"k": 4, "seeds": (100, 13, 21, 42, 87), "direct": 100, "channel": 250},
+        "adapt_steps": 1,
+        "limited_examples": 32,
+        "seeds": SEEDS,
+        "lr_grid": LR_GRID,
+        "lora_lr_grid": LORA_LR_GRID,
+    },
+    "smoke": {
+        "train": {
+            "k": 2,
+            "tasks_per_step": 2,
+            "max_length": 256,
+            "max_length_per_example": 64,
+            "checkpoint_every": 2,
+            "keep_checkpoints": 1,
+            "distributed": False,
+        },
+        "steps": 2,
+        "sweep": {"steps": 1, "validation": {"tasks": 1, "every": 1, "k": 2, "test_examples": 4, "seeds": 1}},
+        "eval": {"k": 4, "seeds": (100, 13), "direct": 4, "channel": 4},
+        "adapt_steps": 1,
+        "limited_examples": 8,
+        "seeds": (0, 1),
+        "lr_grid": (1e-3, 1e-2),
+        "lora_lr_grid": (1e-3, 1e-2),
+    },
+}
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One comparison: a setting, the prompt variant trained and evaluated, the weights trained, the budget."""
+
+    name: str
+    setting: str
+    variant: str = "direct"
+    lora: bool = False
+    budget: str = "steps"  # steps: the same meta-steps; clock: MAML-en-LLM's wall-clock
+    limited: bool = False
+    methods: tuple[str, ...] = ("metaicl", "maml_en_llm")
+    adapt: tuple[str, ...] = ()  # methods also evaluated after adaptation
+    sweep: str = "c2c"  # whose learning rates: c2c (full weights) or lora
+
+
+ARMS = (
+    Arm("c2c", "bb_class_to_class", methods=METHODS, adapt=("metaicl", "maml_en_llm")),
+    Arm("c2c-clock", "bb_class_to_class", budget="clock", methods=("metaicl", "fomaml", "reptile")),
+    Arm("c2c-limited", "bb_class_to_class", limited=True),
+    Arm("c2c-channel", "bb_class_to_class", variant="channel"),
+    Arm("h2l", "bb_hr_to_lr"),
+    Arm("c2c-lora", "bb_class_to_class", lora=True, sweep="lora"),
+)
+
+
+@dataclass
+class Job:
+    name: str
+    kind: str  # sweep | raw | model
+    arm: Arm | None = None
+    method: str = ""
+    seed: int = 0
+    outputs: list[Path] = field(default_factory=list)
+
+    def done(self) -> bool:
+        return bool(self.outputs) and all(p.is_file() for p in self.outputs)
+
+
+class Campaign:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.size = SIZES[args.size]
+        self.runs = Path(args.runs).resolve()
+        self.out = Path(args.out).resolve()
+        self.model, self.data = args.model, args.data
+        self.settings = {"bb_class_to_class": args.setting, "bb_hr_to_lr": args.setting2}
+        self.arms = [a for a in ARMS if args.arms is None or a.name in args.arms.split(",")]
+        self.methods = tuple(args.methods.split(",")) if args.methods else METHODS
+
+    # --- the plan ----------------------------------------------------------------------------------
+    def jobs(self) -> list[Job]:
+        jobs: list[Job] = []
+        sweeps = sorted({a.sweep for a in self.arms}, key=lambda s: s != "c2c")
+        for sweep in sweeps:
+            for m in self._methods(*[a for a in self.arms if a.sweep == sweep]):
+                jobs.append(Job(f"sweep-{sweep}-{m}", "sweep", method=m, outputs=[self.out / "sweeps" / f"{sweep}-{m}.json"]))
+        for arm in self.arms:
+            raw = f"raw-{self.settings[arm.setting]}-{arm.variant}"
+            if not any(j.name == raw for j in jobs):
+                jobs.append(Job(raw, "raw", arm=arm, outputs=[self.out / "eval" / f"{raw}.json"]))
+            for seed in self.size["seeds"]:
+                for m in self._methods(arm):
+                    name = f"{arm.name}-{m}-s{seed}"
+                    outputs = [self.out / "eval" / f"{name}.json", self.out / "curves" / f"{name}.jsonl"]
+                    if m in arm.adapt:
+                        outputs.append(self.out / "eval" / f"{name}+adapt.json")
+                    jobs.append(Job(name, "model", arm=arm, method=m, seed=seed, outputs=outputs))
+        return jobs
+
+    def _methods(self, *arms: Arm) -> list[str]:
+        return [m for m in METHODS if m in self.methods and any(m in a.methods for a in arms)]
+
+    # --- learning rates --------------------------------------------------------------------------
+    def lr(self, sweep: str, method: str) -> float:
+        path = self.out / "sweeps" / f"{sweep}-{method}.json"
+        if not path.is_file():
+            raise RuntimeError(f"{path}: the {sweep} sweep of {method} has not run yet")
+        return float(json.loads(path.read_text())["best_lr"])
+
+    def base(self, arm: Arm, method: str, seed: int, steps: int) -> dict[str, Any]:
+        cfg = {
+            **json.loads(json.dumps(self.size["train"])),
+            "model": self.model,
+            "data": self.data,
+            "setting": self.settings[arm.setting],
+            "variant": arm.variant,
+            "method": method,
+            "seed": seed,
+            "steps": steps,
+        }
+        if arm.lora:
+            cfg["adapter"] = {"type": "lora", "r": 16, "alpha": 32, "target_modules": "all-linear"}
+        if arm.limited:
+            cfg["max_examples_per_task"] = self.size["limited_examples"]
+        return cfg
+
+    def steps(self, arm: Arm, method: str) -> int:
+        """The arm's meta-steps for a method: the size's steps, or (budget clock) as many as fit in
+        MAML-en-LLM's wall-clock, from the median s/step of the seed-0 runs of the c2c arm."""
+        s = self.size["steps"]
+        if arm.budget != "clock":
+            return s
+        maml, mine = (self._median_seconds(f"c2c-{m}-s{self.size['seeds'][0]}") for m in ("maml_en_llm", method))
+        return max(s, round(s * maml / mine))
+
+    def _median_seconds(self, name: str) -> float:
+        path = self.out / "curves" / f"{name}.jsonl"
+        if not path.is_file():
+            raise RuntimeError(f"{path}: needed for the equal-wall-clock budget; run the c2c arm first")
+        seconds = sorted(json.loads(line)["seconds"] for line in path.read_text().splitlines() if line.strip())
+        return seconds[len(seconds) // 2]
+
+    # --- running -----------------------------------------------------------------------------------
+    def run(self, job: Job) -> None:
+        began = time.time()
+        if job.kind == "sweep":
+            self._sweep(job)
+        elif job.kind == "raw":
+            assert job.arm is not None
+            modes = ("zero-shot", "icl")
+            self._evaluate(job.outputs[0], self.model, job.arm, modes=modes, adapt=False)
+        else:
+            self._model(job)
+        self._progress(job, time.time() - began)
+
+    def _sweep(self, job: Job) -> None:
+        import yaml
+
+        from raymeta.tune.run import run_sweep
+        from raymeta.tune.sweep import load_sweep
+
+        sweep_name, method = job.name.split("-")[1], job.method
+        arm = next(a for a in self.arms if a.sweep == sweep_name)
+        grid = self.size["lora_lr_grid"] if sweep_name == "lora" else self.size["lr_grid"]
+        config = {**self.base(arm, method, 0, self.size["sweep"]["steps"]), **self.size["sweep"]}
+        config.pop("distributed")
+        key = "outer.lr" if method == "metaicl" else "inner.lr+outer.lr"
+        choices = [[lr] if method == "metaicl" else [lr, lr] for lr in grid]
+        folder = self.runs / "sweeps" / f"{sweep_name}-{method}"
+        spec = {
+            "name": f"{sweep_name}-{method}",
+            "config": config,
+            "metric": "val_score",
+            "max_concurrent_trials": 1,
+            "seed": 0,
+            "search": "grid",
+            "scheduler": {"type": "none"},
+            "resources": {"num_workers": 1, "cpus_per_worker": 2 if self.size is SIZES["cpu"] else 0.5, "executor": "local"},
+            "space": {key: {"choice": choices}},
+            "out": str(folder),
+        }
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        path = folder.parent / f"{sweep_name}-{method}.yaml"
+        path.write_text(yaml.safe_dump(spec, sort_keys=False))
+        run_sweep(load_sweep(path), resume=(folder / "experiment").exists(), verbose=0)
+        rows = []
+        for trial in sorted((folder / "trials").iterdir()):
+            cfg = yaml.safe_load((trial / "config.yaml").read_text())
+            last = [json.loads(x) for x in (trial / "metrics.jsonl").read_text().splitlines() if x.strip()][-1]
+            rows.append({"lr": cfg["outer"]["lr"], "val_score": last.get("val_score"), "val_loss": last.get("val_loss")})
+        rows.sort(key=lambda r: r["lr"])
+        scored = [r for r in rows if r["val_score"] is not None]
+        best = max(scored, key=lambda r: (r["val_score"], -(r["val_loss"] or 0.0)))  # ties: the lower gold-option loss
+        _write_json(job.outputs[0], {"sweep": spec, "trials": rows, "best_lr": best["lr"]})
+
+    def _model(self, job: Job) -> None:
+        from raymeta.config import TrainConfig, apply_overrides
+        from raymeta.run.api import train
+        from raymeta.run.checkpoint import latest_checkpoint
+
+        arm = job.arm
+        assert arm is not None
+        lr = self.lr(arm.sweep, job.method)
+        cfg_dict = self.base(arm, job.method, job.seed, self.steps(arm, job.method))
+        cfg_dict["inner"] = {**cfg_dict.get("inner", {}), "lr": lr}
+        cfg_dict["outer"] = {**cfg_dict.get("outer", {}), "lr": lr}
+        cfg_dict["out"] = str(self.runs / job.name)
+        eval_json, curve = job.outputs[0], job.outputs[1]
+        if not all(p.is_file() for p in job.outputs[:1] + job.outputs[2:]):
+            cfg = apply_overrides(TrainConfig(), cfg_dict, job.name).validate(job.name)
+            resume = latest_checkpoint(Path(cfg.run.out)) is not None
+            final = str(train(cfg, resume=resume, progress=True))
+            shutil.copyfile(Path(cfg.run.out) / "metrics.jsonl", curve)
+            self._evaluate(eval_json, final, arm, modes=("icl",), adapt=False)
+            if job.method in arm.adapt:
+                self._evaluate(job.outputs[2], final, arm, modes=("icl",), adapt=True)
+        if not curve.is_file():
+            shutil.copyfile(self.runs / job.name / "metrics.jsonl", curve)
+        shutil.rmtree(self.runs / job.name / "checkpoints", ignore_errors=True)  # evaluated: the weights are not needed
+
+    def _evaluate(self, path: Path, model_spec: str, arm: Arm, *, modes: tuple[str, ...], adapt: bool) -> None:
+        from raymeta.data import open_data
+        from raymeta.eval.adapt import AdaptConfig
+        from raymeta.eval.icl import EvalConfig, LossCache, evaluate_setting, model_fingerprint
+        from raymeta.models import load_model, load_tokenizer
+        from raymeta.paths import paths
+
+        if path.is_file():
+            return
+        e = self.size["eval"]
+        cfg = EvalConfig(
+            k=e["k"],
+            seeds=tuple(e["seeds"]),
+            variants=(arm.variant,),
+            modes=modes,
+            max_test_examples=e[arm.variant],
+            truncation="shared",
+            adapt=AdaptConfig(self.size["adapt_steps"]) if adapt else None,
+        )
+        data = open_data(self.data)
+        setting = data.setting(self.settings[arm.setting])
+        model = load_model(model_spec, trainable=adapt)
+        began = time.time()
+        results = evaluate_setting(
+            model,
+            load_tokenizer(model_spec),
+            data,
+            setting,
+            cfg,
+            model_id=model_fingerprint(model),
+            cache=LossCache(paths().loss_cache),
+        )
+        results["model"] = path.stem
+        results["eval_seconds"] = round(time.time() - began, 1)
+        _write_json(path, results)
+
+    def _progress(self, job: Job, seconds: float) -> None:
+        path = self.out / "progress.json"
+        progress = json.loads(path.read_text()) if path.is_file() else {}
+        progress[job.name] = {"seconds": round(seconds, 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        _write_json(path, progress)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    from raymeta.io import atomic_write_json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, obj)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("command", choices=("plan", "run", "report"))
+    ap.add_argument("--size", choices=sorted(SIZES), default="cpu")
+    ap.add_argument("--model", default="builtin")
+    ap.add_argument("--data", default=None, help="data folder (default: the built-in BIG-bench settings)")
+    ap.add_argument("--setting", default="bb_class_to_class", help="the primary setting")
+    ap.add_argument("--setting2", default="bb_hr_to_lr", help="the second setting")
+    ap.add_argument("--arms", default=None, help="only these arms (comma-separated: " + ",".join(a.name for a in ARMS) + ")")
+    ap.add_argument("--methods", default=None, help="only these methods")
+    ap.add_argument("--only", default=None, help="run only jobs whose name starts with this")
+    ap.add_argument("--max-jobs", type=int, default=None, help="stop after this many jobs")
+    ap.add_argument("--runs", default="runs/paper", help="checkpoints and sweep folders (big; not committed)")
+    ap.add_argument("--out", default="bench/results/paper", help="evaluations, curves, sweep tables, progress, report")
+    args = ap.parse_args(argv)
+    campaign = Campaign(args)
+    jobs = campaign.jobs()
+    if args.command == "plan":
+        for job in jobs:
+            print(f"{'done   ' if job.done() else 'pending'}  {job.name}")
+        print(f"{sum(j.done() for j in jobs)} of {len(jobs)} jobs done")
+        return 0
+    if args.command == "report":
+        from bench.paper_report import report
+
+        print(report(campaign, jobs))
+        return 0
+    ran = 0
+    for job in jobs:
+        if job.done() or (args.only and not job.name.startswith(args.only)):
+            continue
+        if args.max_jobs is not None and ran >= args.max_jobs:
+            break
+        print(f"[paper] {job.name}: running", flush=True)
+        campaign.run(job)
+        ran += 1
+        print(f"[paper] {job.name}: done", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

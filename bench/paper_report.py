@@ -1,0 +1,174 @@
+"""The report of `python -m bench.paper`: from the evaluations that exist, the paper's claims as paired
+differences over training seeds with 95 % CIs, the second-order question, the reference rows and the
+published anchors. Writes OUT/report.json, OUT/report.md and OUT/report.png; a claim whose runs are not
+all done is listed as pending, with what is missing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+# (claim, arm of A, method A, arm of B, method B, adaptation?, threshold in points: the paper's, or None)
+CLAIMS: tuple[tuple[str, str, str, str, str, bool, float | None], ...] = (
+    ("MAML-en-LLM − MetaICL (ICL)", "c2c", "maml_en_llm", "c2c", "metaicl", False, 2.0),
+    ("MAML-en-LLM − MetaICL, MetaICL at equal wall-clock", "c2c", "maml_en_llm", "c2c-clock", "metaicl", False, 2.0),
+    ("MAML-en-LLM − MetaICL after adaptation", "c2c", "maml_en_llm", "c2c", "metaicl", True, 4.0),
+    ("MAML-en-LLM − MetaICL, limited data", "c2c-limited", "maml_en_llm", "c2c-limited", "metaicl", False, 2.0),
+    ("MAML-en-LLM − MetaICL, channel", "c2c-channel", "maml_en_llm", "c2c-channel", "metaicl", False, 2.0),
+    ("MAML-en-LLM − MetaICL, bb_hr_to_lr", "h2l", "maml_en_llm", "h2l", "metaicl", False, 2.0),
+    ("MAML-en-LLM − MetaICL, LoRA", "c2c-lora", "maml_en_llm", "c2c-lora", "metaicl", False, 2.0),
+    ("MAML-en-LLM − FOMAML (does second order matter?)", "c2c", "maml_en_llm", "c2c", "fomaml", False, None),
+    ("MAML-en-LLM − Reptile", "c2c", "maml_en_llm", "c2c", "reptile", False, None),
+    ("MAML-en-LLM − FOMAML at equal wall-clock", "c2c", "maml_en_llm", "c2c-clock", "fomaml", False, None),
+    ("MAML-en-LLM − Reptile at equal wall-clock", "c2c", "maml_en_llm", "c2c-clock", "reptile", False, None),
+)
+ANCHORS = (
+    "MAML-en-LLM (Sinha et al., KDD 2024) claims ≥ +2 points over MetaICL on unseen-domain targets, ≥ +4 after "
+    "adaptation, ≥ +2 with limited data.",
+    "MetaICL (Min et al., 2022), GPT-2 Large, class_to_class: ICL 37.4 → MetaICL 43.4 (+6.0).",
+)
+
+
+def _run(results: dict[str, Any], variant: str, adapt: bool) -> dict[str, Any] | None:
+    for name, run in results["runs"].items():
+        if name.startswith(f"{variant}/icl") and ("+adapt" in name) == adapt:
+            return run
+    return None
+
+
+def _load(out: Path, arm: str, method: str, seeds: tuple[int, ...], adapt: bool) -> tuple[list[dict[str, Any]], list[str]]:
+    found, missing = [], []
+    for s in seeds:
+        path = out / "eval" / f"{arm}-{method}-s{s}{'+adapt' if adapt else ''}.json"
+        if path.is_file():
+            found.append(json.loads(path.read_text()))
+        else:
+            missing.append(path.stem)
+    return found, missing
+
+
+def _variant(arm: str) -> str:
+    return "channel" if arm.endswith("channel") else "direct"
+
+
+def report(campaign: Any, jobs: list[Any]) -> str:
+    from raymeta.eval import stats
+
+    out: Path = campaign.out
+    seeds = tuple(campaign.size["seeds"])
+    claims, references = [], []
+    for name, arm_a, m_a, arm_b, m_b, adapt, threshold in CLAIMS:
+        a, miss_a = _load(out, arm_a, m_a, seeds, adapt)
+        b, miss_b = _load(out, arm_b, m_b, seeds, adapt)
+        entry: dict[str, Any] = {"claim": name, "threshold": threshold, "a": f"{arm_a}/{m_a}", "b": f"{arm_b}/{m_b}"}
+        if miss_a or miss_b:
+            entry["pending"] = miss_a + miss_b
+            claims.append(entry)
+            continue
+        variant = _variant(arm_a)
+        runs_a = [_run(r, variant, adapt) for r in a]
+        runs_b = [_run(r, variant, adapt) for r in b]
+        for scope, tasks in (("all", a[0]["targets"]), ("unseen", a[0]["unseen_domain_test"])):
+            p = stats.paired_over_training_seeds(runs_a, runs_b, tasks)  # type: ignore[arg-type]
+            entry[scope] = {
+                "diff": 100 * p["diff"],
+                "ci95": [100 * x for x in p["ci95"]],
+                "t_ci95": [100 * x for x in p["t_ci95"]] if p["t_ci95"] else None,
+                "a": 100 * p["a"],
+                "b": 100 * p["b"],
+                "per_seed_a": [100 * x for x in p["per_seed"]["a"]],
+                "per_seed_b": [100 * x for x in p["per_seed"]["b"]],
+                "resolved": p["resolved"],
+                "reaches_threshold": threshold is not None and 100 * p["diff"] >= threshold,
+                "excludes_threshold": threshold is not None and 100 * p["ci95"][1] < threshold,
+            }
+        claims.append(entry)
+    for raw in sorted((out / "eval").glob("raw-*.json")):
+        r = json.loads(raw.read_text())
+        for run_name, run in r["runs"].items():
+            for scope, tasks in (("all", r["targets"]), ("unseen", r["unseen_domain_test"])):
+                ci = stats.summary_ci(run, tasks)
+                mean = sum(run["per_task"][t]["mean"] for t in tasks) / len(tasks)
+                references.append(
+                    {
+                        "eval": raw.stem,
+                        "run": run_name,
+                        "scope": scope,
+                        "mean": 100 * mean,
+                        "ci95": [100 * x for x in ci or [mean, mean]],
+                    }
+                )
+    done = sum(j.done() for j in jobs)
+    result = {"jobs_done": done, "jobs": len(jobs), "claims": claims, "references": references, "anchors": ANCHORS}
+    _write(out, result)
+    return _markdown(result)
+
+
+def _markdown(result: dict[str, Any]) -> str:
+    lines = [f"{result['jobs_done']} of {result['jobs']} jobs done.", ""]
+    lines += ["| reference | run | targets | mean [95% CI] |", "|---|---|---|---:|"]
+    for r in result["references"]:
+        lines.append(f"| {r['eval']} | {r['run']} | {r['scope']} | {r['mean']:.1f} [{r['ci95'][0]:.1f}, {r['ci95'][1]:.1f}] |")
+    lines += [
+        "",
+        "| comparison (A − B) | targets | A | B | A − B [95% CI] | Welch t CI over seeds | paper | resolved |",
+        "|---|---|---:|---:|---:|---:|---|---|",
+    ]
+    for c in result["claims"]:
+        if "pending" in c:
+            lines.append(f"| {c['claim']} | – | – | – | pending ({len(c['pending'])} evaluations) | – | – | – |")
+            continue
+        for scope in ("all", "unseen"):
+            s = c[scope]
+            t = f"[{s['t_ci95'][0]:+.1f}, {s['t_ci95'][1]:+.1f}]" if s["t_ci95"] else "–"
+            paper = (
+                "–" if c["threshold"] is None else (f"≥ +{c['threshold']:g}" + (": excluded" if s["excludes_threshold"] else ""))
+            )
+            lines.append(
+                f"| {c['claim']} | {scope} | {s['a']:.1f} | {s['b']:.1f} | {s['diff']:+.1f} [{s['ci95'][0]:+.1f}, "
+                f"{s['ci95'][1]:+.1f}] | {t} | {paper} | {'yes' if s['resolved'] else 'no'} |"
+            )
+    lines += ["", *[f"- {a}" for a in result["anchors"]]]
+    return "\n".join(lines) + "\n"
+
+
+def _write(out: Path, result: dict[str, Any]) -> None:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from raymeta.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+
+    atomic_write_json(out / "report.json", result)
+    atomic_write_text(out / "report.md", _markdown(result))
+    rows = [
+        (c["claim"], scope, c[scope], c["threshold"])
+        for c in result["claims"]
+        if "pending" not in c
+        for scope in ("all", "unseen")
+    ]
+    fig, ax = plt.subplots(figsize=(8, 0.45 * max(len(rows), 2) + 1))
+    for i, (_, scope, s, threshold) in enumerate(rows):
+        y = len(rows) - i
+        ax.errorbar(
+            s["diff"],
+            y,
+            xerr=[[s["diff"] - s["ci95"][0]], [s["ci95"][1] - s["diff"]]],
+            fmt="o",
+            color="C0" if scope == "all" else "C1",
+            capsize=3,
+        )
+        if threshold is not None:
+            ax.plot([threshold], [y], marker="|", color="red", markersize=12)
+    ax.axvline(0, color="gray", linewidth=1)
+    ax.set_yticks([len(rows) - i for i in range(len(rows))], [f"{n} ({s})" for n, s, _, _ in rows], fontsize=7)
+    ax.set_xlabel("A − B, points (95% CI over test examples, evaluation seeds and training seeds); red: the paper's claim")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(out / "report.png", buf.getvalue())

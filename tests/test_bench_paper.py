@@ -1,0 +1,64 @@
+"""bench/paper.py end to end at its smoke size on a tiny model: sweeps pick a learning rate per method on
+held-out meta-train tasks, every job's outputs land, the equal-wall-clock budget comes from the measured
+step times, a rerun does nothing, and the report's paired differences come from the evaluations."""
+
+from __future__ import annotations
+
+import json
+
+from tests.conftest import make_data_dir, tiny_gpt2
+
+
+def test_paper_campaign_smoke(tmp_path, gpt2_tokenizer, capsys):
+    from bench import paper
+
+    tiny_gpt2().save_pretrained(tmp_path / "model")
+    gpt2_tokenizer.save_pretrained(tmp_path / "model")
+    make_data_dir(tmp_path / "data", k=4, n_train=4)
+    args = [
+        "--size", "smoke", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "data"),
+        "--setting", "toy", "--setting2", "toy", "--arms", "c2c,c2c-clock,c2c-limited",
+        "--methods", "metaicl,maml_en_llm,fomaml", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out"),
+    ]  # fmt: skip
+    out = tmp_path / "out"
+    assert paper.main(["plan", *args]) == 0
+    plan = capsys.readouterr().out
+    assert "0 of 18 jobs done" in plan and plan.index("sweep-c2c-metaicl") < plan.index("raw-toy-direct") < plan.index(
+        "c2c-metaicl-s0"
+    )
+    assert paper.main(["run", *args]) == 0
+    assert paper.main(["plan", *args]) == 0
+    assert "18 of 18 jobs done" in capsys.readouterr().out
+
+    sweep = json.loads((out / "sweeps" / "c2c-maml_en_llm.json").read_text())
+    assert [t["lr"] for t in sweep["trials"]] == [1e-3, 1e-2] and sweep["best_lr"] in (1e-3, 1e-2)
+    cfg = (tmp_path / "runs" / "c2c-maml_en_llm-s1" / "config.yaml").read_text()
+    assert f"lr: {sweep['best_lr']}" in cfg and "seed: 1" in cfg
+    assert not (tmp_path / "runs" / "c2c-maml_en_llm-s1" / "checkpoints").exists()  # evaluated, then deleted
+    curve = (out / "curves" / "c2c-metaicl-s0.jsonl").read_text().splitlines()
+    assert len(curve) == 2
+    clock = (out / "curves" / "c2c-clock-metaicl-s0.jsonl").read_text().splitlines()
+    assert len(clock) >= 2  # at least the equal-step budget
+    assert (out / "eval" / "c2c-maml_en_llm-s0+adapt.json").is_file() and (out / "eval" / "c2c-limited-metaicl-s1.json").is_file()
+
+    before = {p: p.stat().st_mtime for p in out.rglob("*.json")}
+    assert paper.main(["run", *args]) == 0  # everything done: nothing reruns
+    assert {p: p.stat().st_mtime for p in out.rglob("*.json") if p.name != "report.json"} == before
+
+    assert paper.main(["report", *args]) == 0
+    report = json.loads((out / "report.json").read_text())
+    first = next(c for c in report["claims"] if c["claim"] == "MAML-en-LLM − MetaICL (ICL)")
+    means = {}
+    for method in ("maml_en_llm", "metaicl"):
+        per_seed = []
+        for s in (0, 1):
+            r = json.loads((out / "eval" / f"c2c-{method}-s{s}.json").read_text())
+            tasks = r["unseen_domain_test"]
+            per_seed.append(100 * sum(r["runs"]["direct/icl"]["per_task"][t]["mean"] for t in tasks) / len(tasks))
+        means[method] = per_seed
+    assert first["unseen"]["per_seed_a"] == means["maml_en_llm"] and first["unseen"]["per_seed_b"] == means["metaicl"]
+    assert abs(first["unseen"]["diff"] - (sum(means["maml_en_llm"]) - sum(means["metaicl"])) / 2) < 1e-9
+    assert first["unseen"]["ci95"][0] <= first["unseen"]["diff"] <= first["unseen"]["ci95"][1]
+    pending = {c["claim"] for c in report["claims"] if "pending" in c}
+    assert "MAML-en-LLM − MetaICL, LoRA" in pending and "MAML-en-LLM − MetaICL, limited data" not in pending
+    assert (out / "report.png").stat().st_size > 0 and "pending" in (out / "report.md").read_text()
