@@ -129,6 +129,11 @@ class Campaign:
         self.settings = {"bb_class_to_class": args.setting, "bb_hr_to_lr": args.setting2}
         self.arms = [a for a in ARMS if args.arms is None or a.name in args.arms.split(",")]
         self.methods = tuple(args.methods.split(",")) if args.methods else METHODS
+        self.given: dict[str, float] = {}  # SWEEP-METHOD -> a learning rate given instead of swept
+        for item in (args.lr or "").split(","):
+            if item.strip():
+                key, value = item.split("=")
+                self.given[key.strip() if ":" in key else f"c2c:{key.strip()}"] = float(value)
 
     # --- the plan ----------------------------------------------------------------------------------
     def jobs(self) -> list[Job]:
@@ -213,12 +218,15 @@ class Campaign:
         from raymeta.tune.sweep import load_sweep
 
         sweep_name, method = job.name.split("-")[1], job.method
+        if f"{sweep_name}:{method}" in self.given:  # the user fixed it: recorded as given, no sweep
+            _write_json(job.outputs[0], {"given": True, "trials": [], "best_lr": self.given[f"{sweep_name}:{method}"]})
+            return
         arm = next(a for a in self.arms if a.sweep == sweep_name)
         grid = self.size["lora_lr_grid"] if sweep_name == "lora" else self.size["lr_grid"]
         config = {**self.base(arm, method, 0, self.size["sweep"]["steps"]), **self.size["sweep"]}
         config.pop("distributed")
         key = "outer.lr" if method == "metaicl" else "inner.lr+outer.lr"
-        choices = [[lr] if method == "metaicl" else [lr, lr] for lr in grid]
+        choices = [lr if method == "metaicl" else [lr, lr] for lr in grid]
         folder = self.runs / "sweeps" / f"{sweep_name}-{method}"
         spec = {
             "name": f"{sweep_name}-{method}",
@@ -263,6 +271,7 @@ class Campaign:
             cfg = apply_overrides(TrainConfig(), cfg_dict, job.name).validate(job.name)
             resume = latest_checkpoint(Path(cfg.run.out)) is not None
             final = str(train(cfg, resume=resume, progress=True))
+            curve.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(Path(cfg.run.out) / "metrics.jsonl", curve)
             self._evaluate(eval_json, final, arm, modes=("icl",), adapt=False)
             if job.method in arm.adapt:
@@ -331,6 +340,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--setting2", default="bb_hr_to_lr", help="the second setting")
     ap.add_argument("--arms", default=None, help="only these arms (comma-separated: " + ",".join(a.name for a in ARMS) + ")")
     ap.add_argument("--methods", default=None, help="only these methods")
+    ap.add_argument(
+        "--lr",
+        default=None,
+        help="fix learning rates instead of sweeping them: METHOD=LR[,...] (the c2c sweep) or SWEEP:METHOD=LR",
+    )
     ap.add_argument("--only", default=None, help="run only jobs whose name starts with this")
     ap.add_argument("--max-jobs", type=int, default=None, help="stop after this many jobs")
     ap.add_argument("--runs", default="runs/paper", help="checkpoints and sweep folders (big; not committed)")

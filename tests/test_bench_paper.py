@@ -26,14 +26,17 @@ def test_paper_campaign_smoke(tmp_path, gpt2_tokenizer, capsys):
     assert "0 of 18 jobs done" in plan and plan.index("sweep-c2c-metaicl") < plan.index("raw-toy-direct") < plan.index(
         "c2c-metaicl-s0"
     )
-    assert paper.main(["run", *args]) == 0
+    assert paper.main(["run", *args, "--lr", "maml_en_llm=0.01,fomaml=0.001"]) == 0  # MetaICL's is swept
     assert paper.main(["plan", *args]) == 0
     assert "18 of 18 jobs done" in capsys.readouterr().out
 
-    sweep = json.loads((out / "sweeps" / "c2c-maml_en_llm.json").read_text())
+    sweep = json.loads((out / "sweeps" / "c2c-metaicl.json").read_text())
     assert [t["lr"] for t in sweep["trials"]] == [1e-3, 1e-2] and sweep["best_lr"] in (1e-3, 1e-2)
-    cfg = (tmp_path / "runs" / "c2c-maml_en_llm-s1" / "config.yaml").read_text()
+    best = max(sweep["trials"], key=lambda t: (t["val_score"], -t["val_loss"]))
+    assert sweep["best_lr"] == best["lr"]  # the best validation score on the held-out tasks
+    cfg = (tmp_path / "runs" / "c2c-metaicl-s1" / "config.yaml").read_text()
     assert f"lr: {sweep['best_lr']}" in cfg and "seed: 1" in cfg
+    assert json.loads((out / "sweeps" / "c2c-maml_en_llm.json").read_text()) == {"given": True, "trials": [], "best_lr": 0.01}
     assert not (tmp_path / "runs" / "c2c-maml_en_llm-s1" / "checkpoints").exists()  # evaluated, then deleted
     curve = (out / "curves" / "c2c-metaicl-s0.jsonl").read_text().splitlines()
     assert len(curve) == 2
