@@ -60,6 +60,34 @@ SIZES: dict[str, dict[str, Any]] = {
         "lr_grid": LR_GRID,
         "lora_lr_grid": LORA_LR_GRID,
     },
+    "gpu": {  # MetaICL's sizes on GPU workers (not run: no GPU was lent to this project); bf16 as docs/precision.md says
+        "train": {
+            "k": 16,
+            "tasks_per_step": 8,
+            "support_size": 4,
+            "query_size": 4,
+            "max_length": 1024,
+            "max_length_per_example": 256,
+            "moment_policy": "shared",
+            "inner": {"optimizer": "adamw", "steps": 1},
+            "outer": {"optimizer": "adamw"},
+            "precision": "bf16_query",  # full weights: the inner loop in fp32 (LoRA arms switch to bf16 below)
+            "checkpoint_every": 100,
+            "keep_checkpoints": 1,
+            "distributed": True,
+            "use_gpu": True,
+            "num_workers": 1,
+            "executor": "local",
+        },
+        "steps": 1000,
+        "sweep": {"steps": 200, "validation": {"tasks": 4, "every": 200, "k": 16, "test_examples": 64, "seeds": 2}},
+        "eval": {"k": 16, "seeds": (100, 13, 21, 42, 87), "direct": None, "channel": None},
+        "adapt_steps": 4,
+        "limited_examples": 64,
+        "seeds": SEEDS,
+        "lr_grid": LR_GRID,
+        "lora_lr_grid": LORA_LR_GRID,
+    },
     "smoke": {
         "train": {
             "k": 2,
@@ -178,6 +206,8 @@ class Campaign:
         }
         if arm.lora:
             cfg["adapter"] = {"type": "lora", "r": 16, "alpha": 32, "target_modules": "all-linear"}
+            if cfg.get("precision") == "bf16_query":
+                cfg["precision"] = "bf16"  # with LoRA, bf16 throughout stays faithful (docs/precision.md)
         if arm.limited:
             cfg["max_examples_per_task"] = self.size["limited_examples"]
         return cfg
@@ -224,7 +254,8 @@ class Campaign:
         arm = next(a for a in self.arms if a.sweep == sweep_name)
         grid = self.size["lora_lr_grid"] if sweep_name == "lora" else self.size["lr_grid"]
         config = {**self.base(arm, method, 0, self.size["sweep"]["steps"]), **self.size["sweep"]}
-        config.pop("distributed")
+        for key in ("distributed", "use_gpu", "num_workers", "executor"):  # a sweep's trials: its `resources`
+            config.pop(key, None)
         key = "outer.lr" if method == "metaicl" else "inner.lr+outer.lr"
         choices = [lr if method == "metaicl" else [lr, lr] for lr in grid]
         folder = self.runs / "sweeps" / f"{sweep_name}-{method}"
@@ -236,7 +267,7 @@ class Campaign:
             "seed": 0,
             "search": "grid",
             "scheduler": {"type": "none"},
-            "resources": {"num_workers": 1, "cpus_per_worker": 2 if self.size is SIZES["cpu"] else 0.5, "executor": "local"},
+            "resources": self._sweep_resources(),
             "space": {key: {"choice": choices}},
             "out": str(folder),
         }
@@ -253,6 +284,11 @@ class Campaign:
         scored = [r for r in rows if r["val_score"] is not None]
         best = max(scored, key=lambda r: (r["val_score"], -(r["val_loss"] or 0.0)))  # ties: the lower gold-option loss
         _write_json(job.outputs[0], {"sweep": spec, "trials": rows, "best_lr": best["lr"]})
+
+    def _sweep_resources(self) -> dict[str, Any]:
+        if self.size is SIZES["gpu"]:
+            return {"num_workers": 1, "use_gpu": True, "cpus_per_worker": 4, "executor": "local"}
+        return {"num_workers": 1, "cpus_per_worker": 2 if self.size is SIZES["cpu"] else 0.5, "executor": "local"}
 
     def _model(self, job: Job) -> None:
         from raymeta.config import TrainConfig, apply_overrides
