@@ -99,10 +99,26 @@ def report(campaign: Any, jobs: list[Any]) -> str:
                         "ci95": [100 * x for x in ci or [mean, mean]],
                     }
                 )
+    _curves(out)
     done = sum(j.done() for j in jobs)
     result = {"jobs_done": done, "jobs": len(jobs), "claims": claims, "references": references, "anchors": ANCHORS}
     _write(out, result)
     return _markdown(result)
+
+
+def _curves(out: Path) -> None:
+    """One learning-curve plot per arm (every method and training seed overlaid) in OUT/curves/ARM.png."""
+    from raymeta.run.plots import plot_runs
+
+    by_arm: dict[str, list[Path]] = {}
+    for path in sorted((out / "curves").glob("*.jsonl")):
+        arm = path.stem.rsplit("-", 2)[0]
+        for method in ("metaicl", "maml_en_llm", "fomaml", "reptile"):
+            if f"-{method}-" in path.stem:
+                arm = path.stem.split(f"-{method}-")[0]
+        by_arm.setdefault(arm, []).append(path)
+    for arm, paths in by_arm.items():
+        plot_runs([str(p) for p in paths], out / "curves" / f"{arm}.png", smooth=5)
 
 
 def _markdown(result: dict[str, Any]) -> str:

@@ -64,4 +64,5 @@ def test_paper_campaign_smoke(tmp_path, gpt2_tokenizer, capsys):
     assert first["unseen"]["ci95"][0] <= first["unseen"]["diff"] <= first["unseen"]["ci95"][1]
     pending = {c["claim"] for c in report["claims"] if "pending" in c}
     assert "MAML-en-LLM − MetaICL, LoRA" in pending and "MAML-en-LLM − MetaICL, limited data" not in pending
+    assert (out / "curves" / "c2c.png").is_file() and (out / "curves" / "c2c-clock.png").is_file()  # every run's curve
     assert (out / "report.png").stat().st_size > 0 and "pending" in (out / "report.md").read_text()

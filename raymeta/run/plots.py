@@ -29,12 +29,18 @@ PANELS = (
 
 
 def load_curves(run: str | Path) -> list[dict[str, Any]]:
-    """The records of a run's metrics.jsonl (a torn last line is skipped); one line if it has none."""
-    store = RunStore(run, key="run")
-    if not store.exists("metrics.jsonl"):
-        raise UserError(f"{store.uri('metrics.jsonl')}: not found (expected a run folder of raymeta train)", key="run")
+    """The records of a run's metrics.jsonl (a run folder, or the .jsonl file itself; a torn last line
+    is skipped); one line if it has none."""
+    if str(run).endswith(".jsonl") and Path(run).is_file():
+        text, where = Path(run).read_text(), str(run)
+    else:
+        store = RunStore(run, key="run")
+        where = store.uri("metrics.jsonl")
+        if not store.exists("metrics.jsonl"):
+            raise UserError(f"{where}: not found (expected a run folder of raymeta train)", key="run")
+        text = store.read_text("metrics.jsonl")
     records = []
-    for line in store.read_text("metrics.jsonl").splitlines():
+    for line in text.splitlines():
         try:
             record = json.loads(line)
         except ValueError:
@@ -42,13 +48,13 @@ def load_curves(run: str | Path) -> list[dict[str, Any]]:
         if isinstance(record, dict) and isinstance(record.get("step"), int):
             records.append(record)
     if not records:
-        raise UserError(f"{store.uri('metrics.jsonl')}: holds no meta-step yet", key="run")
+        raise UserError(f"{where}: holds no meta-step yet", key="run")
     return records
 
 
 def _labels(runs: Sequence[str | Path]) -> list[str]:
     """Each run's folder name, with its parent where two names clash."""
-    names = [Path(str(r).rstrip("/")).name for r in runs]
+    names = [Path(str(r).rstrip("/")).name.removesuffix(".jsonl") for r in runs]
     if len(set(names)) == len(names):
         return names
     return ["/".join(Path(str(r).rstrip("/")).parts[-2:]) for r in runs]
