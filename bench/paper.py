@@ -263,7 +263,7 @@ class Campaign:
             "name": f"{sweep_name}-{method}",
             "config": config,
             "metric": "val_score",
-            "max_concurrent_trials": 1,
+            "max_concurrent_trials": 2 if self.size is SIZES["smoke"] else 1,  # a GPU or a 2-core CPU runs one at a time
             "seed": 0,
             "search": "grid",
             "scheduler": {"type": "none"},
