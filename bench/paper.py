@@ -23,6 +23,7 @@ bench/results/paper) and is committed. `--size smoke` runs the same campaign on 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import shutil
 import time
@@ -276,10 +277,14 @@ class Campaign:
         path.write_text(yaml.safe_dump(spec, sort_keys=False))
         run_sweep(load_sweep(path), resume=(folder / "experiment").exists(), verbose=0)
         rows = []
-        for trial in sorted((folder / "trials").iterdir()):
-            cfg = yaml.safe_load((trial / "config.yaml").read_text())
-            last = [json.loads(x) for x in (trial / "metrics.jsonl").read_text().splitlines() if x.strip()][-1]
-            rows.append({"lr": cfg["outer"]["lr"], "val_score": last.get("val_score"), "val_loss": last.get("val_loss")})
+        with (folder / "trials.csv").open() as f:  # the sweep's own table: the trials Tune finished (not orphans)
+            for row in csv.DictReader(f):
+                if row["status"] != "completed":
+                    continue
+                trial = folder / "trials" / row["trial_id"]
+                cfg = yaml.safe_load((trial / "config.yaml").read_text())
+                last = [json.loads(x) for x in (trial / "metrics.jsonl").read_text().splitlines() if x.strip()][-1]
+                rows.append({"lr": cfg["outer"]["lr"], "val_score": last.get("val_score"), "val_loss": last.get("val_loss")})
         rows.sort(key=lambda r: r["lr"])
         scored = [r for r in rows if r["val_score"] is not None]
         best = max(scored, key=lambda r: (r["val_score"], -(r["val_loss"] or 0.0)))  # ties: the lower gold-option loss
