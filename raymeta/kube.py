@@ -1,14 +1,16 @@
 """`raymeta cluster check` for KubeRay manifests (RayCluster, RayJob) and the Dockerfile, offline.
 
-Manifests: the fields KubeRay needs (apiVersion ray.io/v1, names, a head, worker groups with sane
-replica bounds, an image and CPU/memory limits on every container), images pinned (a version tag or a
-digest, never `latest`), no credential values (literal secrets in env, keys, tokens), Ray's token auth
-on (`authOptions.mode: token`, or RAY_AUTH_MODE=token with the token from a Secret on every container),
-the dashboard internal (a ClusterIP head service, no ingress). A RayJob that runs `raymeta train` or
-`raymeta tune` has its config (or sweep) loaded and checked as those commands would, and its resources
-compared with the worker groups: the workers (and a trial) must fit the pods, and the run folder must lie
-on a volume every pod mounts or on object storage. Dockerfile: a pinned base, torch installed before the
-lock file and raymeta after it, a non-root user, no secrets.
+Manifests: KubeRay's own CRD schema (v1.7.0, vendored: types, enums, required fields) and the fields it
+does not know (the API server would drop them silently); then the fields KubeRay needs (apiVersion
+ray.io/v1, names, a head, worker groups with sane replica bounds, an image and CPU/memory limits on
+every container), images pinned (a version tag or a digest, never `latest`), no credential values
+(literal secrets in env, keys, tokens), Ray's token auth on (`authOptions.mode: token`, or
+RAY_AUTH_MODE=token with the token from a Secret on every container), the dashboard internal (a
+ClusterIP head service, no ingress). A RayJob that runs `raymeta train` or `raymeta tune` has its config
+(or sweep) loaded and checked as those commands would, and its resources compared with the worker
+groups: the workers (and a trial) must fit the pods, and the run folder must lie on a volume every pod
+mounts or on object storage. Dockerfile: a pinned base, torch installed before the lock file and
+raymeta after it, a non-root user, no secrets.
 """
 
 from __future__ import annotations
@@ -25,8 +27,43 @@ from raymeta.storage import is_uri
 
 __all__ = ["check_dockerfile", "check_manifest", "is_manifest"]
 
+SCHEMA_VERSION = "v1.7.0"  # KubeRay's CRD schemas (ray.io/v1), vendored from ray-project/kuberay (Apache-2.0)
 _SECRET_ENV = re.compile(r"(?i)(secret|password|passwd|token|access_key|api_key|credentials)")
 _KINDS = ("RayCluster", "RayJob")
+
+
+def _schema(kind: str) -> dict[str, Any]:
+    import gzip
+    import json
+
+    path = Path(__file__).parent / "schemas" / f"kuberay-{SCHEMA_VERSION}-{kind.lower()}.json.gz"
+    return dict(json.loads(gzip.decompress(path.read_bytes())))
+
+
+def _schema_checks(doc: dict[str, Any], kind: str, report: Report) -> None:
+    """KubeRay's own CRD schema (types, enums, required fields), and fields it does not know: the API
+    server would drop those silently (a typo such as `shutdownAfterJobFinishez` switches a feature off)."""
+    import jsonschema
+
+    schema = _schema(kind)
+    for e in sorted(jsonschema.Draft7Validator(schema).iter_errors(doc), key=lambda e: list(map(str, e.absolute_path)))[:10]:
+        where = ".".join(str(p) for p in e.absolute_path) or "(top level)"
+        report.errors.append(f"{where}: {e.message[:200]} (KubeRay {SCHEMA_VERSION} {kind} schema)")
+
+    def unknown(node: Any, sch: dict[str, Any], where: str) -> None:
+        if isinstance(node, dict) and "properties" in sch and not sch.get("x-kubernetes-preserve-unknown-fields"):
+            for key, value in node.items():
+                if key not in sch["properties"]:
+                    report.errors.append(
+                        f"{where}{key}: not a field of KubeRay's {kind} ({SCHEMA_VERSION}); Kubernetes would drop it silently"
+                    )
+                else:
+                    unknown(value, sch["properties"][key], f"{where}{key}.")
+        elif isinstance(node, list) and isinstance(sch.get("items"), dict):
+            for i, value in enumerate(node):
+                unknown(value, sch["items"], f"{where.rstrip('.')}[{i}].")
+
+    unknown({k: v for k, v in doc.items() if k != "metadata"}, schema, "")
 
 
 def is_manifest(doc: Any) -> bool:
@@ -245,6 +282,8 @@ def check_manifest(doc: dict[str, Any], path: Path, clusters: dict[str, _Pods] |
     if kind not in _KINDS:
         report.errors.append(f"kind: expected one of {', '.join(_KINDS)}, got {kind!r}")
         return report
+    if doc.get("apiVersion") == "ray.io/v1":
+        _schema_checks(doc, str(kind), report)
     name = (doc.get("metadata") or {}).get("name") if isinstance(doc.get("metadata"), dict) else None
     if not name:
         report.errors.append("metadata.name: missing")

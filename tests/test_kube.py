@@ -89,6 +89,18 @@ BROKEN = {
         lambda d: d["spec"].update(entrypoint="raymeta train configs/gpu_cluster.yaml inner.lrr=1"),
         "spec.entrypoint: command line: unknown key 'inner.lrr'",
     ),
+    "schema type": (
+        lambda d: d["spec"].update(ttlSecondsAfterFinished="10m"),
+        "spec.ttlSecondsAfterFinished: '10m' is not of type 'integer' (KubeRay v1.7.0 RayJob schema)",
+    ),
+    "unknown field": (
+        lambda d: d["spec"].update(shutdownAfterJobFinishez=True),
+        "spec.shutdownAfterJobFinishez: not a field of KubeRay's RayJob (v1.7.0); Kubernetes would drop it silently",
+    ),
+    "unknown pod field": (
+        lambda d: _head(d).update(imagePullPolicyy="Always"),
+        "spec.rayClusterSpec.headGroupSpec.template.spec.containers[0].imagePullPolicyy: not a field of KubeRay's RayJob",
+    ),
     "no entrypoint": (lambda d: d["spec"].pop("entrypoint"), "spec.entrypoint: missing"),
 }
 
