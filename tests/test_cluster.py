@@ -204,7 +204,7 @@ def test_token_auth_head_runs_a_submitted_job_and_shows_its_metrics(tmp_path, gp
 
         status, body = _get(f"{api}/api/jobs/", token)
         assert status == 200 and "raymeta-test" in body  # the job list, with the token
-        assert "[raymeta] step 6/6 meta_loss" in json.loads(logs)["logs"]  # the progress line, through the API
+        assert "[raymeta] maml_en_llm step 6/6  meta_loss" in json.loads(logs)["logs"]  # the progress line, through the API
         assert seen_metric, "raymeta_meta_loss never appeared on the head's metrics endpoint"
         assert token not in json.loads(logs)["logs"]  # no secret in the logs
         assert (out / "checkpoints" / "step-000006" / "model" / "model.safetensors").is_file()
