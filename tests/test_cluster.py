@@ -173,14 +173,29 @@ def test_token_auth_head_runs_a_submitted_job_and_shows_its_metrics(tmp_path, gp
         }
         entrypoint = ["raymeta", "train", "configs/tiny.yaml", *[f"{k}={v}" for k, v in overrides.items()]]
         repo = Path(__file__).resolve().parents[1]
-        submit = subprocess.run(
-            [RAY, "job", "submit", "--address", api, "--working-dir", str(repo), "--no-wait", "--submission-id", "raymeta-test"]
-            + ["--", *entrypoint],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        for _ in range(30):  # the dashboard can answer before its job agent is up: Ray says "try again later"
+            submit = subprocess.run(
+                [
+                    RAY,
+                    "job",
+                    "submit",
+                    "--address",
+                    api,
+                    "--working-dir",
+                    str(repo),
+                    "--no-wait",
+                    "--submission-id",
+                    "raymeta-test",
+                ]
+                + ["--", *entrypoint],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            if submit.returncode == 0 or "No available agent to submit job" not in submit.stderr:
+                break
+            time.sleep(2)
         assert submit.returncode == 0, submit.stderr[-2000:]
 
         seen_metric = False
