@@ -19,6 +19,7 @@ import json
 import math
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -132,7 +133,7 @@ class MLflow:
     def log(self, record: dict[str, Any]) -> None:
         from mlflow.entities import Metric
 
-        now = int(__import__("time").time() * 1000)
+        now = int(time.time() * 1000)
         step = int(record["step"])
         metrics = [Metric(k, v, now, step) for k, v in _numbers(record).items()]
         self.client.log_batch(self.run_id, metrics=metrics)
