@@ -109,6 +109,9 @@ def test_token_auth_head_runs_a_submitted_job_and_shows_its_metrics(tmp_path, gp
     token_file = temp_dir / "auth_token"
     token_file.write_text(token)
     gcs, dash, metrics = free_port(), free_port(), free_port()
+    # the job agent's HTTP port defaults to 52365: a Ray agent left by another run on this machine holding it
+    # makes Ray disable the agent's HTTP server, and every submission then answers "No available agent"
+    agent_http, agent_grpc, runtime_env, client = free_port(), free_port(), free_port(), free_port()
     env = {
         **os.environ,
         "RAY_AUTH_MODE": "token",
@@ -130,6 +133,10 @@ def test_token_auth_head_runs_a_submitted_job_and_shows_its_metrics(tmp_path, gp
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dash}",
             f"--metrics-export-port={metrics}",
+            f"--dashboard-agent-listen-port={agent_http}",
+            f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--runtime-env-agent-port={runtime_env}",
+            f"--ray-client-server-port={client}",
             f"--temp-dir={temp_dir}",
             "--num-cpus=2",
             "--disable-usage-stats",
