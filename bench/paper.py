@@ -167,11 +167,13 @@ class Campaign:
     # --- the plan ----------------------------------------------------------------------------------
     def jobs(self) -> list[Job]:
         jobs: list[Job] = []
-        sweeps = sorted({a.sweep for a in self.arms}, key=lambda s: s != "c2c")
-        for sweep in sweeps:
-            for m in self._methods(*[a for a in self.arms if a.sweep == sweep]):
-                jobs.append(Job(f"sweep-{sweep}-{m}", "sweep", method=m, outputs=[self.out / "sweeps" / f"{sweep}-{m}.json"]))
         for arm in self.arms:
+            if not any(j.kind == "sweep" and j.name.startswith(f"sweep-{arm.sweep}-") for j in jobs):
+                # a sweep runs just before the first arm that needs its learning rates, so a campaign cut short
+                # has spent its time on the arms in their order
+                for m in self._methods(*[a for a in self.arms if a.sweep == arm.sweep]):
+                    out = [self.out / "sweeps" / f"{arm.sweep}-{m}.json"]
+                    jobs.append(Job(f"sweep-{arm.sweep}-{m}", "sweep", method=m, outputs=out))
             raw = f"raw-{self.settings[arm.setting]}-{arm.variant}"
             if not any(j.name == raw for j in jobs):
                 jobs.append(Job(raw, "raw", arm=arm, outputs=[self.out / "eval" / f"{raw}.json"]))

@@ -66,3 +66,16 @@ def test_paper_campaign_smoke(tmp_path, gpt2_tokenizer, capsys):
     assert "MAML-en-LLM − MetaICL, LoRA" in pending and "MAML-en-LLM − MetaICL, limited data" not in pending
     assert (out / "curves" / "c2c.png").is_file() and (out / "curves" / "c2c-clock.png").is_file()  # every run's curve
     assert (out / "report.png").stat().st_size > 0 and "pending" in (out / "report.md").read_text()
+
+
+def test_paper_plan_runs_each_sweep_just_before_the_first_arm_that_needs_it(tmp_path, capsys):
+    from bench import paper
+
+    args = ["--arms", "c2c,h2l,c2c-lora", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]
+    assert paper.main(["plan", *args]) == 0
+    names = [line.split()[1] for line in capsys.readouterr().out.splitlines() if line.startswith("pending")]
+    assert names[:4] == [f"sweep-c2c-{m}" for m in paper.METHODS]  # all four methods train in arm c2c
+    lora = names.index("sweep-lora-metaicl")
+    assert names[lora : lora + 2] == ["sweep-lora-metaicl", "sweep-lora-maml_en_llm"]
+    assert names.index("h2l-maml_en_llm-s2") < lora < names.index("c2c-lora-metaicl-s0")  # a cut campaign ran h2l
+    assert not (tmp_path / "out").exists()  # a plan writes nothing
