@@ -8,6 +8,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from raymeta import provenance
@@ -18,6 +19,7 @@ __all__ = [
     "check_memory_env",
     "cpu_model_and_flags",
     "environment",
+    "evaluate_to_file",
     "measure_step",
     "memory_env",
     "memory_measurement",
@@ -112,3 +114,44 @@ def bench_model(name: str):  # type: ignore[no-untyped-def]
     for p in model.parameters():
         p.requires_grad_(True)
     return model
+
+
+def evaluate_to_file(
+    path: Path, label: str, model_spec: str, data_dir: str, setting_name: str, cfg: Any, workers: int = 0
+) -> dict:
+    """Evaluate `model_spec` on a setting with an `EvalConfig` and write the results (with every prediction)
+    to `path` atomically; an existing file is reused only for the very same weights, setting and protocol.
+    With `workers` the units run on that many Ray actors; the loss cache is shared either way."""
+    import json
+
+    from raymeta.data import open_data
+    from raymeta.eval.icl import LossCache, config_record, evaluate_setting, model_fingerprint
+    from raymeta.io import atomic_write_json
+    from raymeta.models import load_model, load_tokenizer
+    from raymeta.paths import paths
+
+    data = open_data(data_dir)
+    setting = data.setting(setting_name)
+    model = load_model(model_spec)
+    fingerprint = model_fingerprint(model)
+    if path.is_file():
+        cached = json.loads(path.read_text())
+        same = (cached.get("model_fingerprint"), cached.get("setting"), cached.get("config"))
+        if same == (fingerprint, setting.name, config_record(cfg)) and "ci95_method" in cached:  # with predictions
+            return cached
+    began = time.time()
+    if workers:
+        from raymeta.run.parallel_eval import ModelSource, evaluate_parallel
+
+        del model
+        source = ModelSource(model_spec, device="cpu")
+        results = evaluate_parallel(
+            source, data, setting, cfg, model_id=fingerprint, workers=workers, cache_dir=paths().loss_cache
+        )
+    else:
+        cache = LossCache(paths().loss_cache)
+        results = evaluate_setting(model, load_tokenizer(model_spec), data, setting, cfg, model_id=fingerprint, cache=cache)
+    results["model"] = label
+    results["eval_seconds"] = round(time.time() - began, 1)
+    atomic_write_json(path, results)
+    return results

@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.common import evaluate_to_file
+
 SEEDS = (0, 1, 2)
 LR_GRID = (1e-5, 3e-5, 1e-4, 3e-4)
 LORA_LR_GRID = (1e-4, 3e-4, 1e-3, 3e-3)
@@ -324,13 +326,10 @@ class Campaign:
         shutil.rmtree(self.runs / job.name / "checkpoints", ignore_errors=True)  # evaluated: the weights are not needed
 
     def _evaluate(self, path: Path, model_spec: str, arm: Arm, *, modes: tuple[str, ...], adapt: bool) -> None:
-        from raymeta.data import open_data
         from raymeta.eval.adapt import AdaptConfig
-        from raymeta.eval.icl import EvalConfig, LossCache, evaluate_setting, model_fingerprint
-        from raymeta.models import load_model, load_tokenizer
-        from raymeta.paths import paths
+        from raymeta.eval.icl import EvalConfig
 
-        if path.is_file():
+        if path.is_file():  # done: its checkpoint may be deleted already
             return
         e = self.size["eval"]
         cfg = EvalConfig(
@@ -342,22 +341,7 @@ class Campaign:
             truncation="shared",
             adapt=AdaptConfig(self.size["adapt_steps"]) if adapt else None,
         )
-        data = open_data(self.data)
-        setting = data.setting(self.settings[arm.setting])
-        model = load_model(model_spec, trainable=adapt)
-        began = time.time()
-        results = evaluate_setting(
-            model,
-            load_tokenizer(model_spec),
-            data,
-            setting,
-            cfg,
-            model_id=model_fingerprint(model),
-            cache=LossCache(paths().loss_cache),
-        )
-        results["model"] = path.stem
-        results["eval_seconds"] = round(time.time() - began, 1)
-        _write_json(path, results)
+        evaluate_to_file(path, path.stem, model_spec, self.data, self.settings[arm.setting], cfg)
 
     def _progress(self, job: Job, seconds: float) -> None:
         path = self.out / "progress.json"

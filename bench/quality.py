@@ -25,9 +25,10 @@ Writes OUT/quality.json, OUT/quality.md and OUT/quality.png.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
+
+from bench.common import evaluate_to_file
 
 SIZES: dict[str, dict[str, Any]] = {
     "smoke": {
@@ -125,16 +126,9 @@ def _train(cfg: Any) -> Path:
 
 
 def _evaluate(label: str, model_spec: str, out: Path, size: dict[str, Any], args: argparse.Namespace, adapt: bool) -> dict:
-    from raymeta.data import open_data
     from raymeta.eval.adapt import AdaptConfig
-    from raymeta.eval.icl import EvalConfig, LossCache, config_record, evaluate_setting, model_fingerprint
-    from raymeta.io import atomic_write_json
-    from raymeta.models import load_model, load_tokenizer
-    from raymeta.paths import paths
+    from raymeta.eval.icl import EvalConfig
 
-    path = out / "eval" / f"{label}{'+adapt' if adapt else ''}.json"
-    data = open_data(args.data)
-    setting = data.setting(args.setting)
     e = size["eval"]
     cfg = EvalConfig(
         k=e["k"],
@@ -145,27 +139,8 @@ def _evaluate(label: str, model_spec: str, out: Path, size: dict[str, Any], args
         truncation="shared",
         adapt=AdaptConfig(size["adapt_steps"]) if adapt else None,
     )
-    model = load_model(model_spec)
-    fingerprint = model_fingerprint(model)
-    if path.is_file():  # a finished evaluation is reused only for the very same weights, setting and protocol
-        cached = json.loads(path.read_text())
-        same = (cached.get("model_fingerprint"), cached.get("setting"), cached.get("config"))
-        if same == (fingerprint, setting.name, config_record(cfg)) and "ci95_method" in cached:  # with predictions
-            return cached
-    if args.eval_workers:
-        from raymeta.run.parallel_eval import ModelSource, evaluate_parallel
-
-        del model
-        source = ModelSource(model_spec, device="cpu")
-        results = evaluate_parallel(
-            source, data, setting, cfg, model_id=fingerprint, workers=args.eval_workers, cache_dir=paths().loss_cache
-        )
-    else:
-        cache = LossCache(paths().loss_cache)
-        results = evaluate_setting(model, load_tokenizer(model_spec), data, setting, cfg, model_id=fingerprint, cache=cache)
-    results["model"] = label
-    atomic_write_json(path, results)
-    return results
+    path = out / "eval" / f"{label}{'+adapt' if adapt else ''}.json"
+    return evaluate_to_file(path, label, model_spec, args.data, args.setting, cfg, workers=args.eval_workers)
 
 
 def _rows(evals: dict[str, dict]) -> list[dict[str, Any]]:
