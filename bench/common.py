@@ -117,7 +117,7 @@ def bench_model(name: str):  # type: ignore[no-untyped-def]
 
 
 def evaluate_to_file(
-    path: Path, label: str, model_spec: str, data_dir: str, setting_name: str, cfg: Any, workers: int = 0
+    path: Path, label: str, model_spec: str, data_dir: str | None, setting_name: str, cfg: Any, workers: int = 0
 ) -> dict:
     """Evaluate `model_spec` on a setting with an `EvalConfig` and write the results (with every prediction)
     to `path` atomically; an existing file is reused only for the very same weights, setting and protocol.
