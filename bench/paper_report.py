@@ -1,7 +1,7 @@
 """The report of `python -m bench.paper`: from the evaluations that exist, the paper's claims as paired
-differences over training seeds with 95 % CIs, the second-order question, the reference rows and the
-published anchors. Writes OUT/report.json, OUT/report.md and OUT/report.png; a claim whose runs are not
-all done is listed as pending, with what is missing."""
+differences over training seeds with 95 % CIs, the second-order question, every finished evaluation
+(the raw model's first) and the published anchors. Writes OUT/report.json, OUT/report.md and
+OUT/report.png; a claim whose runs are not all done is listed as pending, with what is missing."""
 
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def report(campaign: Any, jobs: list[Any]) -> str:
 
     out: Path = campaign.out
     seeds = tuple(campaign.size["seeds"])
-    claims, references = [], []
+    claims, evaluations = [], []
     for name, arm_a, m_a, arm_b, m_b, adapt, threshold in CLAIMS:
         a, miss_a = _load(out, arm_a, m_a, seeds, adapt)
         b, miss_b = _load(out, arm_b, m_b, seeds, adapt)
@@ -84,15 +84,16 @@ def report(campaign: Any, jobs: list[Any]) -> str:
                 "excludes_threshold": threshold is not None and 100 * p["ci95"][1] < threshold,
             }
         claims.append(entry)
-    for raw in sorted((out / "eval").glob("raw-*.json")):
-        r = json.loads(raw.read_text())
+    # every finished evaluation (the raw model's reference rows first), so a partial campaign shows its runs
+    for path in sorted((out / "eval").glob("*.json"), key=lambda p: (not p.stem.startswith("raw-"), p.stem)):
+        r = json.loads(path.read_text())
         for run_name, run in r["runs"].items():
             for scope, tasks in (("all", r["targets"]), ("unseen", r["unseen_domain_test"])):
                 ci = stats.summary_ci(run, tasks)
                 mean = sum(run["per_task"][t]["mean"] for t in tasks) / len(tasks)
-                references.append(
+                evaluations.append(
                     {
-                        "eval": raw.stem,
+                        "eval": path.stem,
                         "run": run_name,
                         "scope": scope,
                         "mean": 100 * mean,
@@ -101,7 +102,7 @@ def report(campaign: Any, jobs: list[Any]) -> str:
                 )
     _curves(out)
     done = sum(j.done() for j in jobs)
-    result = {"jobs_done": done, "jobs": len(jobs), "claims": claims, "references": references, "anchors": ANCHORS}
+    result = {"jobs_done": done, "jobs": len(jobs), "claims": claims, "evaluations": evaluations, "anchors": ANCHORS}
     _write(out, result)
     return _markdown(result)
 
@@ -123,8 +124,8 @@ def _curves(out: Path) -> None:
 
 def _markdown(result: dict[str, Any]) -> str:
     lines = [f"{result['jobs_done']} of {result['jobs']} jobs done.", ""]
-    lines += ["| reference | run | targets | mean [95% CI] |", "|---|---|---|---:|"]
-    for r in result["references"]:
+    lines += ["| evaluation | run | targets | mean [95% CI] |", "|---|---|---|---:|"]
+    for r in result["evaluations"]:
         lines.append(f"| {r['eval']} | {r['run']} | {r['scope']} | {r['mean']:.1f} [{r['ci95'][0]:.1f}, {r['ci95'][1]:.1f}] |")
     lines += [
         "",
