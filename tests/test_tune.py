@@ -173,7 +173,7 @@ def test_sweep_runs_trials_in_the_space_stops_some_early_and_its_best_config_tra
 
 def test_killed_driver_resumes_without_rerunning_finished_trials(tiny_folder, tmp_path):
     root = tiny_folder
-    path = _sweep_file(root, "kill", num_samples=3, max_concurrent_trials=1, scheduler={"type": "none"})
+    path = _sweep_file(root, "kill", num_samples=2, max_concurrent_trials=1, scheduler={"type": "none"})
     out = root / "runs" / "kill"
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     cmd = [sys.executable, "-m", "raymeta.cli", "tune", str(path), "--quiet"]
@@ -192,13 +192,13 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(tiny_folder, tm
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     done_before = {p.name for p in (out / "trials").glob("*") if (p / "checkpoints" / "step-000004" / "state.json").is_file()}
-    assert done_before
+    assert 0 < len(done_before) < 2  # one trial finished, one left to the resumed driver
 
     result = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     with (out / "trials.csv").open() as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 3 and all(r["status"] == "completed" and r["step"] == "4" for r in rows), rows
+    assert len(rows) == 2 and all(r["status"] == "completed" and r["step"] == "4" for r in rows), rows
     for name in done_before:  # finished trials were not run again
         assert len((out / "trials" / name / "starts.log").read_text().splitlines()) == 1, name
 
