@@ -48,6 +48,29 @@ def _load(out: Path, arm: str, method: str, seeds: tuple[int, ...], adapt: bool)
     return found, missing
 
 
+def _agreement(out: Path, a: tuple[str, str], b: tuple[str, str], seeds: tuple[int, ...], adapt: bool) -> dict[str, Any] | None:
+    """How often A and B make the same prediction on the same test example (every target, evaluation seed and
+    training seed evaluated for both so far): two methods that differ by a point can still disagree on a
+    quarter of the examples, or on almost none."""
+    same = total = 0
+    used = []
+    for s in seeds:
+        ra, _ = _load(out, *a, (s,), adapt)
+        rb, _ = _load(out, *b, (s,), adapt)
+        if not ra or not rb:
+            continue
+        run_a, run_b = _run(ra[0], _variant(a[0]), adapt), _run(rb[0], _variant(b[0]), adapt)
+        if run_a is None or run_b is None:
+            continue
+        used.append(s)
+        for task in ra[0]["targets"]:
+            pa, pb = run_a["per_task"][task]["predictions"], run_b["per_task"][task]["predictions"]
+            for eval_seed in pa.keys() & pb.keys():
+                same += sum(x == y for x, y in zip(pa[eval_seed], pb[eval_seed], strict=True))
+                total += len(pa[eval_seed])
+    return {"same": same, "total": total, "fraction": same / total, "training_seeds": used} if total else None
+
+
 def _variant(arm: str) -> str:
     return "channel" if arm.endswith("channel") else "direct"
 
@@ -62,6 +85,7 @@ def report(campaign: Any, jobs: list[Any]) -> str:
         a, miss_a = _load(out, arm_a, m_a, seeds, adapt)
         b, miss_b = _load(out, arm_b, m_b, seeds, adapt)
         entry: dict[str, Any] = {"claim": name, "threshold": threshold, "a": f"{arm_a}/{m_a}", "b": f"{arm_b}/{m_b}"}
+        entry["agreement"] = _agreement(out, (arm_a, m_a), (arm_b, m_b), seeds, adapt)
         if miss_a or miss_b:
             entry["pending"] = miss_a + miss_b
             claims.append(entry)
@@ -146,6 +170,13 @@ def _markdown(result: dict[str, Any]) -> str:
                 f"| {c['claim']} | {scope} | {s['a']:.1f} | {s['b']:.1f} | {s['diff']:+.1f} [{s['ci95'][0]:+.1f}, "
                 f"{s['ci95'][1]:+.1f}] | {t} | {paper} | {'yes' if s['resolved'] else 'no'} |"
             )
+    agree = [c for c in result["claims"] if c.get("agreement")]
+    if agree:
+        lines += ["", "| comparison (A vs B) | same prediction | of | training seeds |", "|---|---:|---:|---|"]
+        for c in agree:
+            g = c["agreement"]
+            seeds = ", ".join(map(str, g["training_seeds"]))
+            lines.append(f"| {c['claim']} | {100 * g['fraction']:.1f} % | {g['total']} | {seeds} |")
     lines += ["", *[f"- {a}" for a in result["anchors"]]]
     return "\n".join(lines) + "\n"
 

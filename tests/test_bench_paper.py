@@ -62,6 +62,21 @@ def test_paper_campaign_smoke(tmp_path, gpt2_tokenizer, capsys):
     assert first["unseen"]["per_seed_a"] == means["maml_en_llm"] and first["unseen"]["per_seed_b"] == means["metaicl"]
     assert abs(first["unseen"]["diff"] - (sum(means["maml_en_llm"]) - sum(means["metaicl"])) / 2) < 1e-9
     assert first["unseen"]["ci95"][0] <= first["unseen"]["diff"] <= first["unseen"]["ci95"][1]
+    # the agreement counts, example by example, where the two methods' saved predictions match
+    same = total = 0
+    for s in (0, 1):
+        runs = [json.loads((out / "eval" / f"c2c-{m}-s{s}.json").read_text())["runs"]["direct/icl"] for m in means]
+        for task, a in runs[0]["per_task"].items():
+            for eval_seed, pred in a["predictions"].items():
+                same += sum(x == y for x, y in zip(pred, runs[1]["per_task"][task]["predictions"][eval_seed], strict=True))
+                total += len(pred)
+    assert first["agreement"] == {"same": same, "total": total, "fraction": same / total, "training_seeds": [0, 1]}
+    # every finished evaluation is listed once per scope, the raw model's first
+    rows = report["evaluations"]
+    evals = sorted(p.stem for p in (out / "eval").glob("*.json"))
+    assert rows[0]["eval"].startswith("raw-") and sorted({r["eval"] for r in rows}) == evals
+    row = next(r for r in rows if r["eval"] == "c2c-maml_en_llm-s0" and r["scope"] == "unseen")
+    assert abs(row["mean"] - means["maml_en_llm"][0]) < 1e-9 and row["ci95"][0] <= row["mean"] <= row["ci95"][1]
     pending = {c["claim"] for c in report["claims"] if "pending" in c}
     assert "MAML-en-LLM − MetaICL, LoRA" in pending and "MAML-en-LLM − MetaICL, limited data" not in pending
     assert (out / "curves" / "c2c.png").is_file() and (out / "curves" / "c2c-clock.png").is_file()  # every run's curve
