@@ -37,26 +37,37 @@ def _run(results: dict[str, Any], variant: str, adapt: bool) -> dict[str, Any] |
     return None
 
 
-def _load(out: Path, arm: str, method: str, seeds: tuple[int, ...], adapt: bool) -> tuple[list[dict[str, Any]], list[str]]:
+def _read(path: Path, parsed: dict[Path, Any]) -> Any:
+    """One evaluation file, parsed once per report (claims, agreement and rows all read the same files)."""
+    if path not in parsed:
+        parsed[path] = json.loads(path.read_text())
+    return parsed[path]
+
+
+def _load(
+    out: Path, arm: str, method: str, seeds: tuple[int, ...], adapt: bool, parsed: dict[Path, Any]
+) -> tuple[list[dict[str, Any]], list[str]]:
     found, missing = [], []
     for s in seeds:
         path = out / "eval" / f"{arm}-{method}-s{s}{'+adapt' if adapt else ''}.json"
         if path.is_file():
-            found.append(json.loads(path.read_text()))
+            found.append(_read(path, parsed))
         else:
             missing.append(path.stem)
     return found, missing
 
 
-def _agreement(out: Path, a: tuple[str, str], b: tuple[str, str], seeds: tuple[int, ...], adapt: bool) -> dict[str, Any] | None:
+def _agreement(
+    out: Path, a: tuple[str, str], b: tuple[str, str], seeds: tuple[int, ...], adapt: bool, parsed: dict[Path, Any]
+) -> dict[str, Any] | None:
     """How often A and B make the same prediction on the same test example (every target, evaluation seed and
     training seed evaluated for both so far): two methods that differ by a point can still disagree on a
     quarter of the examples, or on almost none."""
     same = total = 0
     used = []
     for s in seeds:
-        ra, _ = _load(out, *a, (s,), adapt)
-        rb, _ = _load(out, *b, (s,), adapt)
+        ra, _ = _load(out, *a, (s,), adapt, parsed)
+        rb, _ = _load(out, *b, (s,), adapt, parsed)
         if not ra or not rb:
             continue
         run_a, run_b = _run(ra[0], _variant(a[0]), adapt), _run(rb[0], _variant(b[0]), adapt)
@@ -81,11 +92,12 @@ def report(campaign: Any, jobs: list[Any]) -> str:
     out: Path = campaign.out
     seeds = tuple(campaign.size["seeds"])
     claims, evaluations = [], []
+    parsed: dict[Path, Any] = {}
     for name, arm_a, m_a, arm_b, m_b, adapt, threshold in CLAIMS:
-        a, miss_a = _load(out, arm_a, m_a, seeds, adapt)
-        b, miss_b = _load(out, arm_b, m_b, seeds, adapt)
+        a, miss_a = _load(out, arm_a, m_a, seeds, adapt, parsed)
+        b, miss_b = _load(out, arm_b, m_b, seeds, adapt, parsed)
         entry: dict[str, Any] = {"claim": name, "threshold": threshold, "a": f"{arm_a}/{m_a}", "b": f"{arm_b}/{m_b}"}
-        entry["agreement"] = _agreement(out, (arm_a, m_a), (arm_b, m_b), seeds, adapt)
+        entry["agreement"] = _agreement(out, (arm_a, m_a), (arm_b, m_b), seeds, adapt, parsed)
         if miss_a or miss_b:
             entry["pending"] = miss_a + miss_b
             claims.append(entry)
@@ -110,7 +122,7 @@ def report(campaign: Any, jobs: list[Any]) -> str:
         claims.append(entry)
     # every finished evaluation (the raw model's reference rows first), so a partial campaign shows its runs
     for path in sorted((out / "eval").glob("*.json"), key=lambda p: (not p.stem.startswith("raw-"), p.stem)):
-        r = json.loads(path.read_text())
+        r = _read(path, parsed)
         for run_name, run in r["runs"].items():
             for scope, tasks in (("all", r["targets"]), ("unseen", r["unseen_domain_test"])):
                 ci = stats.summary_ci(run, tasks)
