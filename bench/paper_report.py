@@ -170,7 +170,8 @@ def _markdown(result: dict[str, Any]) -> str:
     ]
     for c in result["claims"]:
         if "pending" in c:
-            lines.append(f"| {c['claim']} | – | – | – | pending ({len(c['pending'])} evaluations) | – | – | – |")
+            n = len(c["pending"])
+            lines.append(f"| {c['claim']} | – | – | – | pending ({n} evaluation{'s' if n > 1 else ''}) | – | – | – |")
             continue
         for scope in ("all", "unseen"):
             s = c[scope]
