@@ -1,11 +1,13 @@
 """The report of `python -m bench.paper`: from the evaluations that exist, the paper's claims as paired
-differences over training seeds with 95 % CIs, the second-order question, every finished evaluation
+differences over training seeds with 95 % CIs and the protocol's verdict on each (holds, refuted, or
+unresolved with the training seeds that would resolve it), the second-order question, every finished evaluation
 (the raw model's first) and the published anchors. Writes OUT/report.json, OUT/report.md and
 OUT/report.png; a claim whose runs are not all done is listed as pending, with what is missing."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,30 @@ ANCHORS = (
     "adaptation, ≥ +2 with limited data.",
     "MetaICL (Min et al., 2022), GPT-2 Large, class_to_class: ICL 37.4 → MetaICL 43.4 (+6.0).",
 )
+
+
+def verdict(diff: float, lo: float, hi: float, threshold: float | None, seeds: int) -> tuple[str, str]:
+    """The protocol's verdict on one comparison (points; 95 % interval [lo, hi] over `seeds` training seeds a side)
+    and what would change it. A claim *holds* when the estimate reaches the paper's margin and the interval
+    excludes 0, is *refuted* when the interval lies below the margin, and is *unresolved* otherwise; then the
+    seeds a side that would narrow the interval enough if it shrinks as 1/sqrt(seeds) and the estimate stays
+    (a lower bound: the part of the interval that comes from the shared test examples does not shrink)."""
+
+    def more(half: float, room: float) -> str:
+        n = math.ceil(seeds * (half / room) ** 2) if room > 0 else None
+        return f"≥ {n} seeds a side" if n is not None and n <= 100 else "> 100 seeds a side"
+
+    if threshold is None:
+        if lo > 0 or hi < 0:
+            return "differs", ""
+        return f"no difference resolved (A − B within ±{max(-lo, hi):.1f})", ""
+    if diff >= threshold and lo > 0:
+        return "holds", ""
+    if hi < threshold:
+        return "refuted", ""
+    if diff < threshold:  # the upper end has to come below the margin
+        return "unresolved", f"{more(hi - diff, threshold - diff)} to refute"
+    return "unresolved", f"{more(diff - lo, diff)} to hold"  # the lower end has to come above 0
 
 
 def _run(results: dict[str, Any], variant: str, adapt: bool) -> dict[str, Any] | None:
@@ -116,6 +142,7 @@ def report(campaign: Any, jobs: list[Any]) -> str:
                 "per_seed_a": [100 * x for x in p["per_seed"]["a"]],
                 "per_seed_b": [100 * x for x in p["per_seed"]["b"]],
                 "resolved": p["resolved"],
+                "verdict": verdict(100 * p["diff"], 100 * p["ci95"][0], 100 * p["ci95"][1], threshold, len(seeds)),
                 "reaches_threshold": threshold is not None and 100 * p["diff"] >= threshold,
                 "excludes_threshold": threshold is not None and 100 * p["ci95"][1] < threshold,
             }
@@ -165,7 +192,7 @@ def _markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {r['eval']} | {r['run']} | {r['scope']} | {r['mean']:.1f} [{r['ci95'][0]:.1f}, {r['ci95'][1]:.1f}] |")
     lines += [
         "",
-        "| comparison (A − B) | targets | A | B | A − B [95% CI] | Welch t CI over seeds | paper | resolved |",
+        "| comparison (A − B) | targets | A | B | A − B [95% CI] | Welch t CI over seeds | paper | verdict |",
         "|---|---|---:|---:|---:|---:|---|---|",
     ]
     for c in result["claims"]:
@@ -176,12 +203,10 @@ def _markdown(result: dict[str, Any]) -> str:
         for scope in ("all", "unseen"):
             s = c[scope]
             t = f"[{s['t_ci95'][0]:+.1f}, {s['t_ci95'][1]:+.1f}]" if s["t_ci95"] else "–"
-            paper = (
-                "–" if c["threshold"] is None else (f"≥ +{c['threshold']:g}" + (": excluded" if s["excludes_threshold"] else ""))
-            )
+            paper = "–" if c["threshold"] is None else f"≥ +{c['threshold']:g}"
             lines.append(
                 f"| {c['claim']} | {scope} | {s['a']:.1f} | {s['b']:.1f} | {s['diff']:+.1f} [{s['ci95'][0]:+.1f}, "
-                f"{s['ci95'][1]:+.1f}] | {t} | {paper} | {'yes' if s['resolved'] else 'no'} |"
+                f"{s['ci95'][1]:+.1f}] | {t} | {paper} | {'; '.join(x for x in s['verdict'] if x)} |"
             )
     agree = [c for c in result["claims"] if c.get("agreement")]
     if agree:

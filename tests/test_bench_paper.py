@@ -94,3 +94,18 @@ def test_paper_plan_runs_each_sweep_just_before_the_first_arm_that_needs_it(tmp_
     assert names[lora : lora + 2] == ["sweep-lora-metaicl", "sweep-lora-maml_en_llm"]
     assert names.index("h2l-maml_en_llm-s2") < lora < names.index("c2c-lora-metaicl-s0")  # a cut campaign ran h2l
     assert not (tmp_path / "out").exists()  # a plan writes nothing
+
+
+def test_paper_verdict_follows_the_protocol():
+    from bench.paper_report import verdict
+
+    assert verdict(2.5, 0.3, 4.7, 2.0, 3) == ("holds", "")  # reaches the margin, excludes 0
+    assert verdict(0.7, -1.4, 2.9, 4.0, 3) == ("refuted", "")  # the whole interval below the margin
+    # unresolved below the margin: the upper end (+2.4 above the estimate) has to shrink to +1.8 -> 3 * (2.4 / 1.8)^2
+    assert verdict(0.2, -2.1, 2.6, 2.0, 3) == ("unresolved", "≥ 6 seeds a side to refute")
+    assert verdict(3.0, -1.0, 7.0, 2.0, 3) == ("unresolved", "≥ 6 seeds a side to hold")  # 3 * (4 / 3)^2 = 5.3
+    assert verdict(-0.0, -1.4, 1.4, None, 3)[0] == "no difference resolved (A − B within ±1.4)"
+    assert verdict(-2.0, -3.0, -1.0, None, 3)[0] == "differs"
+    assert verdict(2.0, -3.0, 7.0, 2.0, 3) == ("unresolved", "≥ 19 seeds a side to hold")  # 3 * (5 / 2)^2 = 18.75
+    assert verdict(0.1, -9.0, 9.2, None, 3)[0].startswith("no difference")
+    assert verdict(1.9, -9.0, 9.9, 2.0, 3) == ("unresolved", "> 100 seeds a side to refute")  # 0.1 of room
