@@ -7,7 +7,6 @@ OUT/report.png; a claim whose runs are not all done is listed as pending, with w
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -32,16 +31,19 @@ ANCHORS = (
 )
 
 
-def verdict(diff: float, lo: float, hi: float, threshold: float | None, seeds: int) -> tuple[str, str]:
-    """The protocol's verdict on one comparison (points; 95 % interval [lo, hi] over `seeds` training seeds a side)
-    and what would change it. A claim *holds* when the estimate reaches the paper's margin and the interval
-    excludes 0, is *refuted* when the interval lies below the margin, and is *unresolved* otherwise; then the
-    seeds a side that would narrow the interval enough if it shrinks as 1/sqrt(seeds) and the estimate stays
-    (a lower bound: the part of the interval that comes from the shared test examples does not shrink)."""
+def verdict(p: dict[str, Any], threshold: float | None) -> tuple[str, str]:
+    """The protocol's verdict on one comparison (`p` from `stats.paired_over_training_seeds`; the paper's
+    margin in points) and what would change it. A claim *holds* when the estimate reaches the margin and the
+    interval excludes 0, is *refuted* when the interval lies below the margin, and is *unresolved*
+    otherwise; then the training seeds a side that would narrow the interval enough if the estimate stays
+    (`stats.training_seeds_needed`: the part from the shared test examples does not shrink with seeds)."""
+    from raymeta.eval import stats
 
-    def more(half: float, room: float) -> str:
-        n = math.ceil(seeds * (half / room) ** 2) if room > 0 else None
-        return f"≥ {n} seeds a side" if n is not None and n <= 100 else "> 100 seeds a side"
+    diff, lo, hi = 100 * p["diff"], 100 * p["ci95"][0], 100 * p["ci95"][1]
+
+    def more(room: float) -> str:
+        n = stats.training_seeds_needed(p, room / 100) if room > 0 else None
+        return "more test examples, not seeds," if n is None else f"about {n} training seeds a side"
 
     if threshold is None:
         if lo > 0 or hi < 0:
@@ -52,8 +54,8 @@ def verdict(diff: float, lo: float, hi: float, threshold: float | None, seeds: i
     if hi < threshold:
         return "refuted", ""
     if diff < threshold:  # the upper end has to come below the margin
-        return "unresolved", f"{more(hi - diff, threshold - diff)} to refute"
-    return "unresolved", f"{more(diff - lo, diff)} to hold"  # the lower end has to come above 0
+        return "unresolved", f"{more(threshold - diff)} to refute"
+    return "unresolved", f"{more(diff)} to hold"  # the lower end has to come above 0
 
 
 def _run(results: dict[str, Any], variant: str, adapt: bool) -> dict[str, Any] | None:
@@ -142,7 +144,7 @@ def report(campaign: Any, jobs: list[Any]) -> str:
                 "per_seed_a": [100 * x for x in p["per_seed"]["a"]],
                 "per_seed_b": [100 * x for x in p["per_seed"]["b"]],
                 "resolved": p["resolved"],
-                "verdict": verdict(100 * p["diff"], 100 * p["ci95"][0], 100 * p["ci95"][1], threshold, len(seeds)),
+                "verdict": verdict(p, threshold),
                 "reaches_threshold": threshold is not None and 100 * p["diff"] >= threshold,
                 "excludes_threshold": threshold is not None and 100 * p["ci95"][1] < threshold,
             }

@@ -99,13 +99,20 @@ def test_paper_plan_runs_each_sweep_just_before_the_first_arm_that_needs_it(tmp_
 def test_paper_verdict_follows_the_protocol():
     from bench.paper_report import verdict
 
-    assert verdict(2.5, 0.3, 4.7, 2.0, 3) == ("holds", "")  # reaches the margin, excludes 0
-    assert verdict(0.7, -1.4, 2.9, 4.0, 3) == ("refuted", "")  # the whole interval below the margin
-    # unresolved below the margin: the upper end (+2.4 above the estimate) has to shrink to +1.8 -> 3 * (2.4 / 1.8)^2
-    assert verdict(0.2, -2.1, 2.6, 2.0, 3) == ("unresolved", "≥ 6 seeds a side to refute")
-    assert verdict(3.0, -1.0, 7.0, 2.0, 3) == ("unresolved", "≥ 6 seeds a side to hold")  # 3 * (4 / 3)^2 = 5.3
-    assert verdict(-0.0, -1.4, 1.4, None, 3)[0] == "no difference resolved (A − B within ±1.4)"
-    assert verdict(-2.0, -3.0, -1.0, None, 3)[0] == "differs"
-    assert verdict(2.0, -3.0, 7.0, 2.0, 3) == ("unresolved", "≥ 19 seeds a side to hold")  # 3 * (5 / 2)^2 = 18.75
-    assert verdict(0.1, -9.0, 9.2, None, 3)[0].startswith("no difference")
-    assert verdict(1.9, -9.0, 9.9, 2.0, 3) == ("unresolved", "> 100 seeds a side to refute")  # 0.1 of room
+    def p(diff, lo, hi, var_runs=1e-4, var_common=2e-5):  # points in, fractions out, as paired_over_training_seeds
+        return {
+            "diff": diff / 100,
+            "ci95": [lo / 100, hi / 100],
+            "per_seed": {"a": [0] * 3},
+            "var_runs": var_runs,
+            "var_common": var_common,
+        }
+
+    assert verdict(p(2.5, 0.3, 4.7), 2.0) == ("holds", "")  # reaches the margin, excludes 0
+    assert verdict(p(0.7, -1.4, 2.9), 4.0) == ("refuted", "")  # the whole interval below the margin
+    # unresolved below the margin: the interval has to narrow to ±1.8 points: 3 * 1e-4 / ((0.018 / 1.96)^2 - 2e-5) = 4.7
+    assert verdict(p(0.2, -2.1, 2.6), 2.0) == ("unresolved", "about 5 training seeds a side to refute")
+    assert verdict(p(3.0, -1.0, 7.0), 2.0) == ("unresolved", "about 3 training seeds a side to hold")  # ±3: 3 * 1e-4 / 2.1e-4
+    assert verdict(p(0.2, -2.1, 2.6, var_common=1e-4), 2.0) == ("unresolved", "more test examples, not seeds, to refute")
+    assert verdict(p(-0.0, -1.4, 1.4), None)[0] == "no difference resolved (A − B within ±1.4)"
+    assert verdict(p(-2.0, -3.0, -1.0), None)[0] == "differs"

@@ -103,6 +103,20 @@ def test_paired_over_training_seeds_holds_the_spread_between_runs():
     assert lo < 0 < hi and hi == pytest.approx(-lo)  # Welch: symmetric about a zero difference
 
 
+def test_training_seeds_needed_shrinks_only_the_part_from_the_runs():
+    runs_a = [{"per_task": {"t": _record("accuracy", n=200, seed=i)}} for i in (1, 2, 3)]
+    runs_b = [{"per_task": {"t": _record("accuracy", n=200, seed=i)}} for i in (4, 5, 6)]
+    p = stats.paired_over_training_seeds(runs_a, runs_b, ["t"])
+    assert p["var_runs"] > 0 and p["var_common"] > 0
+    now = 1.96 * np.sqrt(p["var_runs"] + p["var_common"])  # about the interval's half-width today
+    assert stats.training_seeds_needed(p, now * 1.001) == 3  # today's width: today's 3 runs
+    narrower = 1.96 * np.sqrt(p["var_runs"] / 2 + p["var_common"])
+    assert stats.training_seeds_needed(p, narrower * 1.001) == 6  # half the runs' variance: twice the runs
+    assert stats.training_seeds_needed(p, 0.99 * 1.96 * np.sqrt(p["var_common"])) is None  # the examples alone are wider
+    one = stats.paired_over_training_seeds(runs_a[:1], runs_b[:1], ["t"])
+    assert one["var_runs"] == 0 and one["var_common"] > 0  # one run a side: nothing to draw but examples and seeds
+
+
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory, gpt2_tokenizer):
     return tiny_run_folder(tmp_path_factory.mktemp("toy"), gpt2_tokenizer)

@@ -165,7 +165,10 @@ def paired_over_training_seeds(
     run i of B share nothing but their seed number) and, for every drawn run, the same test-example and
     evaluation-seed draws (the paired bootstrap of `paired`), so the interval holds all three sources of
     variance. With 3 runs a side the resampling of training runs is coarse; `per_seed` lists each run's
-    mean and `t_ci95` gives Welch's t interval over the runs' means as a cross-check."""
+    mean and `t_ci95` gives Welch's t interval over the runs' means as a cross-check. `var_runs` and
+    `var_common` split the replicates' variance into the part from drawing training runs (it shrinks as
+    more runs are added) and the part from the shared test examples and evaluation seeds (it does not):
+    `training_seeds_needed` uses them."""
     if not runs_a or not runs_b:
         raise ValueError("expected at least one run of each method")
     ra = np.array([run_replicates(r, tasks) for r in runs_a])  # (Ra, B)
@@ -176,6 +179,7 @@ def paired_over_training_seeds(
     pick_b = rng.integers(0, len(runs_b), size=(b, len(runs_b)))
     cols = np.arange(b)[:, None]
     diff = ra[pick_a, cols].mean(1) - rb[pick_b, cols].mean(1)
+    var_common = float(np.var(ra.mean(0) - rb.mean(0)))  # every run kept: the examples' and seeds' draws only
     means_a = [_mean(r, tasks) for r in runs_a]
     means_b = [_mean(r, tasks) for r in runs_b]
     point = float(np.mean(means_a) - np.mean(means_b))
@@ -188,7 +192,20 @@ def paired_over_training_seeds(
         "resolved": lo > 0 or hi < 0,
         "per_seed": {"a": means_a, "b": means_b},
         "t_ci95": _welch(means_a, means_b),
+        "var_runs": max(float(np.var(diff)) - var_common, 0.0),
+        "var_common": var_common,
     }
+
+
+def training_seeds_needed(p: dict[str, Any], half_width: float) -> int | None:
+    """Training runs a side for a 95 % interval of ±`half_width` around a `paired_over_training_seeds`
+    result `p` (n runs a side now): var(n') ≈ var_runs · n / n' + var_common. None when the shared test
+    examples and evaluation seeds alone leave the interval wider (more test examples would help, not seeds)."""
+    n = len(p["per_seed"]["a"])
+    room = (half_width / 1.96) ** 2 - p["var_common"]
+    if room <= 0:
+        return None
+    return max(n, int(np.ceil(n * p["var_runs"] / room)))
 
 
 def _welch(a: Sequence[float], b: Sequence[float]) -> list[float] | None:
