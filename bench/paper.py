@@ -10,8 +10,8 @@ order of priority, each one resumable and idempotent:
   ICL after adaptation where the arm asks), then its learning curve is kept and its checkpoint deleted
   (a SmolLM2 checkpoint with optimizer state is 1.6 GB; the evaluations are what the report reads).
 
-    python -m bench.paper plan                     # every job, done or not, in the order they run
-    python -m bench.paper run [--only PREFIX] [--max-jobs N]   # run what is not done (rerun after a kill)
+    python -m bench.paper plan                     # every job, done or not, in the order they run, with estimates
+    python -m bench.paper run [--only PREFIX] [--max-jobs N] [--stop-by 14:20|2h30m]   # run what is not done
     python -m bench.paper report                   # tables, paired CIs over training seeds, plots: from what is done
 
 Big files (checkpoints, sweep folders) go to --runs (default runs/paper); what the report reads (eval
@@ -343,6 +343,21 @@ class Campaign:
         )
         evaluate_to_file(path, path.stem, model_spec, self.data, self.settings[arm.setting], cfg)
 
+    def estimate(self, job: Job) -> tuple[float, str] | None:
+        """About how long a pending job takes, from progress.json: the longest finished run of the same arm
+        and method (another training seed), else of the same method in arm c2c (a lower bound: the other
+        arms train as long or longer, or evaluate more). A job resumed from a checkpoint recorded only its
+        last part, hence the longest."""
+        path = self.out / "progress.json"
+        progress = json.loads(path.read_text()) if path.is_file() else {}
+        if job.kind != "model" or job.arm is None:
+            return None
+        for prefix, how in ((f"{job.arm.name}-{job.method}-s", "another seed"), (f"c2c-{job.method}-s", "c2c, at least")):
+            seen = [v["seconds"] for k, v in progress.items() if k.startswith(prefix) and k[len(prefix) :].isdigit()]
+            if seen:
+                return max(seen), how
+        return None
+
     def _progress(self, job: Job, seconds: float) -> None:
         path = self.out / "progress.json"
         progress = json.loads(path.read_text()) if path.is_file() else {}
@@ -355,6 +370,24 @@ def _write_json(path: Path, obj: Any) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, obj)
+
+
+def _deadline(text: str) -> float:
+    """--stop-by as epoch seconds: HH:MM (local time, today) or a duration such as 2h30m, 90m, 45s."""
+    import re
+
+    if m := re.fullmatch(r"(\d{1,2}):(\d{2})", text.strip()):
+        hour, minute = int(m[1]), int(m[2])
+        if hour > 23 or minute > 59:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a clock time (HH:MM, 00:00 to 23:59)")
+        now = time.localtime()
+        at = time.mktime((now.tm_year, now.tm_mon, now.tm_mday, hour, minute, 0, 0, 0, -1))
+        if at <= time.time():
+            raise argparse.ArgumentTypeError(f"{text} has already passed today; give a duration such as 2h30m instead")
+        return at
+    if (m := re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?", text.strip())) and any(m.groups()):
+        return time.time() + 3600 * int(m[1] or 0) + 60 * int(m[2] or 0) + int(m[3] or 0)
+    raise argparse.ArgumentTypeError(f"{text!r}: expected a clock time HH:MM or a duration such as 2h30m, 90m or 45s")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -374,15 +407,30 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--only", default=None, help="run only jobs whose name starts with this")
     ap.add_argument("--max-jobs", type=int, default=None, help="stop after this many jobs")
+    ap.add_argument(
+        "--stop-by",
+        type=_deadline,
+        default=None,
+        metavar="HH:MM|DURATION",
+        help="start no job whose estimate (see plan) ends after this clock time today or this long from now (2h30m)",
+    )
     ap.add_argument("--runs", default="runs/paper", help="checkpoints and sweep folders (big; not committed)")
     ap.add_argument("--out", default="bench/results/paper", help="evaluations, curves, sweep tables, progress, report")
     args = ap.parse_args(argv)
     campaign = Campaign(args)
     jobs = campaign.jobs()
     if args.command == "plan":
+        total, unknown = 0.0, 0
         for job in jobs:
-            print(f"{'done   ' if job.done() else 'pending'}  {job.name}")
-        print(f"{sum(j.done() for j in jobs)} of {len(jobs)} jobs done")
+            guess = None if job.done() else campaign.estimate(job)
+            note = f"  ~{guess[0] / 60:.0f} min ({guess[1]})" if guess else ""
+            print(f"{'done   ' if job.done() else 'pending'}  {job.name}{note}")
+            total += guess[0] if guess else 0
+            unknown += not job.done() and guess is None
+        print(f"{sum(j.done() for j in jobs)} of {len(jobs)} jobs done", end="")
+        if total or unknown:
+            print(f"; the pending ones take about {total / 3600:.1f} h or more ({unknown} without an estimate)", end="")
+        print()
         return 0
     if args.command == "report":
         from bench.paper_report import report
@@ -394,6 +442,14 @@ def main(argv: list[str] | None = None) -> int:
         if job.done() or (args.only and not job.name.startswith(args.only)):
             continue
         if args.max_jobs is not None and ran >= args.max_jobs:
+            break
+        guess = campaign.estimate(job)
+        if args.stop_by is not None and guess is not None and time.time() + guess[0] > args.stop_by:
+            left = max(0.0, args.stop_by - time.time())
+            print(
+                f"[paper] stopping before {job.name}: it takes about {guess[0] / 60:.0f} min, "
+                f"{left / 60:.0f} min are left before --stop-by"
+            )
             break
         print(f"[paper] {job.name}: running", flush=True)
         campaign.run(job)

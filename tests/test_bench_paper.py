@@ -116,3 +116,33 @@ def test_paper_verdict_follows_the_protocol():
     assert verdict(p(0.2, -2.1, 2.6, var_common=1e-4), 2.0) == ("unresolved", "more test examples, not seeds, to refute")
     assert verdict(p(-0.0, -1.4, 1.4), None)[0] == "no difference resolved (A − B within ±1.4)"
     assert verdict(p(-2.0, -3.0, -1.0), None)[0] == "differs"
+
+
+def test_paper_run_stop_by_starts_no_job_that_would_end_after_it(tmp_path, capsys):
+    """--stop-by: a job whose estimate (the longest finished run of another seed) ends after the deadline is
+    not started, so a session that ends does not kill it half-way; plan shows the estimates; a bad value is
+    one argparse line and exit code 2."""
+    import time
+
+    import pytest
+
+    from bench import paper
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "progress.json").write_text(json.dumps({"c2c-metaicl-s0": {"seconds": 1800.0}, "c2c-metaicl-s1": {"seconds": 600.0}}))
+    args = ["--arms", "c2c,h2l", "--methods", "metaicl", "--runs", str(tmp_path / "runs"), "--out", str(out)]
+    assert paper.main(["plan", *args]) == 0
+    plan = capsys.readouterr().out
+    assert "c2c-metaicl-s2  ~30 min (another seed)" in plan and "h2l-metaicl-s0  ~30 min (c2c, at least)" in plan
+    assert "about 3.0 h or more (3 without an estimate)" in plan  # 6 model runs; the sweep and 2 raw evaluations have none
+    assert paper.main(["run", *args, "--only", "c2c-metaicl-s2", "--stop-by", "29m"]) == 0
+    assert "stopping before c2c-metaicl-s2: it takes about 30 min, 29 min are left" in capsys.readouterr().out
+    assert not (tmp_path / "runs").exists()  # nothing started
+
+    assert abs(paper._deadline("1h2m3s") - time.time() - 3723) < 5 and abs(paper._deadline("90m") - time.time() - 5400) < 5
+    for bad in ("25:00", "2 hours", ""):
+        with pytest.raises(SystemExit) as exit_:
+            paper.main(["run", *args, "--stop-by", bad])
+        assert exit_.value.code == 2
+    assert "--stop-by" in capsys.readouterr().err
