@@ -348,21 +348,23 @@ class Campaign:
         and method (another training seed), else of the same method in arm c2c (a lower bound: the other
         arms train as long or longer, or evaluate more). A job resumed from a checkpoint recorded only its
         last part, hence the longest."""
-        path = self.out / "progress.json"
-        progress = json.loads(path.read_text()) if path.is_file() else {}
         if job.kind != "model" or job.arm is None:
             return None
+        progress = self._read_progress()
         for prefix, how in ((f"{job.arm.name}-{job.method}-s", "another seed"), (f"c2c-{job.method}-s", "c2c, at least")):
             seen = [v["seconds"] for k, v in progress.items() if k.startswith(prefix) and k[len(prefix) :].isdigit()]
             if seen:
                 return max(seen), how
         return None
 
-    def _progress(self, job: Job, seconds: float) -> None:
+    def _read_progress(self) -> dict[str, Any]:
         path = self.out / "progress.json"
-        progress = json.loads(path.read_text()) if path.is_file() else {}
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def _progress(self, job: Job, seconds: float) -> None:
+        progress = self._read_progress()
         progress[job.name] = {"seconds": round(seconds, 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        _write_json(path, progress)
+        _write_json(self.out / "progress.json", progress)
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -448,7 +450,8 @@ def main(argv: list[str] | None = None) -> int:
             left = max(0.0, args.stop_by - time.time())
             print(
                 f"[paper] stopping before {job.name}: it takes about {guess[0] / 60:.0f} min, "
-                f"{left / 60:.0f} min are left before --stop-by"
+                f"{left / 60:.0f} min are left before --stop-by",
+                flush=True,
             )
             break
         print(f"[paper] {job.name}: running", flush=True)
