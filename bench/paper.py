@@ -347,17 +347,30 @@ class Campaign:
 
     def estimate(self, job: Job) -> tuple[float, str] | None:
         """About how long a pending job takes, from progress.json: the longest finished run of the same arm
-        and method (another training seed), else of the same method in arm c2c (a lower bound: the other
-        arms train as long or longer, or evaluate more). A job resumed from a checkpoint recorded only its
-        last part, hence the longest."""
+        and method (another training seed); else that of the same method in arm c2c scaled by how this arm's
+        other method compares with c2c's (h2l evaluates without adaptation and takes ~0.7x); else c2c's
+        unscaled, a rough guess (channel evaluation takes far longer). A job resumed from a checkpoint
+        recorded only its last part, hence the longest."""
         if job.kind != "model" or job.arm is None:
             return None
         progress = self._read_progress()
-        for prefix, how in ((f"{job.arm.name}-{job.method}-s", "another seed"), (f"c2c-{job.method}-s", "c2c, at least")):
+
+        def longest(arm: str, method: str) -> float | None:
+            prefix = f"{arm}-{method}-s"
             seen = [v["seconds"] for k, v in progress.items() if k.startswith(prefix) and k[len(prefix) :].isdigit()]
-            if seen:
-                return max(seen), how
-        return None
+            return max(seen) if seen else None
+
+        same = longest(job.arm.name, job.method)
+        if same is not None:
+            return same, "another seed"
+        base = longest("c2c", job.method)
+        if base is None:
+            return None
+        for other in self.methods:
+            here, there = longest(job.arm.name, other), longest("c2c", other)
+            if other != job.method and here is not None and there:
+                return base * here / there, f"c2c scaled by this arm's {other}"
+        return base, "c2c, a rough guess"
 
     def _read_progress(self) -> dict[str, Any]:
         path = self.out / "progress.json"
