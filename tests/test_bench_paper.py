@@ -144,6 +144,12 @@ def test_paper_run_stop_by_starts_no_job_that_would_end_after_it(tmp_path, capsy
     (out / "progress.json").write_text(json.dumps({k: {"seconds": v} for k, v in seconds.items()}))
     assert paper.main(["plan", *args[:2], "--methods", "metaicl,maml_en_llm", *args[4:]]) == 0
     assert "h2l-maml_en_llm-s0  ~40 min (c2c scaled by this arm's metaicl)" in capsys.readouterr().out
+    # a channel arm with no run yet: c2c's plus how much longer the raw model's channel evaluation took
+    seconds |= {"raw-bb_class_to_class-direct": 600, "raw-bb_class_to_class-channel": 6600}
+    (out / "progress.json").write_text(json.dumps({k: {"seconds": v} for k, v in seconds.items()}))
+    assert paper.main(["plan", "--arms", "c2c,c2c-channel", "--methods", "metaicl,maml_en_llm", *args[4:]]) == 0
+    plan = capsys.readouterr().out
+    assert "c2c-channel-maml_en_llm-s0  ~160 min (c2c plus the raw channel evaluation's extra time)" in plan
 
     assert abs(paper._deadline("1h2m3s") - time.time() - 3723) < 5 and abs(paper._deadline("90m") - time.time() - 5400) < 5
     for bad in ("25:00", "2 hours", ""):
