@@ -23,10 +23,13 @@ bench/results/paper) and is committed. `--size smoke` runs the same campaign on 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import shutil
+import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -237,16 +240,48 @@ class Campaign:
 
     # --- running -----------------------------------------------------------------------------------
     def run(self, job: Job) -> None:
-        began = time.time()
-        if job.kind == "sweep":
-            self._sweep(job)
-        elif job.kind == "raw":
-            assert job.arm is not None
-            modes = ("zero-shot", "icl")
-            self._evaluate(job.outputs[0], self.model, job.arm, modes=modes, adapt=False)
-        else:
-            self._model(job)
-        self._progress(job, time.time() - began)
+        with self._clock(job) as spent:
+            if job.kind == "sweep":
+                self._sweep(job)
+            elif job.kind == "raw":
+                assert job.arm is not None
+                modes = ("zero-shot", "icl")
+                self._evaluate(job.outputs[0], self.model, job.arm, modes=modes, adapt=False)
+            else:
+                self._model(job)
+        self._progress(job, spent())
+
+    def spent(self, job: Job) -> float:
+        """The time earlier, unfinished attempts at a job spent (0 if none, or their files were lost)."""
+        path = self.runs / "elapsed" / f"{job.name}.json"
+        return float(json.loads(path.read_text())["seconds"]) if path.is_file() else 0.0
+
+    @contextlib.contextmanager
+    def _clock(self, job: Job, every: float = 30.0) -> Iterator[Callable[[], float]]:
+        """The job's time over all its attempts: what earlier, killed attempts spent (written every `every`
+        seconds to runs/elapsed/<job>.json, next to the checkpoints they resume from) plus this one's. A
+        job that a session's end cut and a later session finished then records its whole time, not only
+        its last part; the file goes when the job is done."""
+        path = self.runs / "elapsed" / f"{job.name}.json"
+        before = self.spent(job)
+        began, stop = time.time(), threading.Event()
+
+        def spent() -> float:
+            return before + time.time() - began
+
+        def beat() -> None:
+            while not stop.wait(every):
+                _write_json(path, {"seconds": round(spent(), 1)})
+
+        thread = threading.Thread(target=beat, name=f"clock-{job.name}", daemon=True)
+        thread.start()
+        try:
+            yield spent
+        finally:
+            stop.set()
+            thread.join()
+            _write_json(path, {"seconds": round(spent(), 1)})
+        path.unlink()
 
     def _sweep(self, job: Job) -> None:
         import yaml
@@ -350,8 +385,8 @@ class Campaign:
         and method (another training seed); else that of the same method in arm c2c scaled by how this arm's
         other method compares with c2c's (h2l evaluates without adaptation and takes ~0.7x); else, for a
         channel arm, c2c's plus how much longer the raw model's channel evaluation took than its direct one;
-        else c2c's unscaled, a rough guess. A job resumed from a checkpoint recorded only its last part,
-        hence the longest."""
+        else c2c's unscaled, a rough guess. Before 2026-12-02 a job resumed from a checkpoint recorded only
+        its last part (now `_clock` adds earlier attempts' time), hence the longest."""
         if job.kind != "model" or job.arm is None:
             return None
         progress = self._read_progress()
@@ -448,6 +483,8 @@ def main(argv: list[str] | None = None) -> int:
         for job in jobs:
             guess = None if job.done() else campaign.estimate(job)
             note = f"  ~{guess[0] / 60:.0f} min ({guess[1]})" if guess else ""
+            if not job.done() and (spent := campaign.spent(job)):
+                note += f"  ({spent / 60:.0f} min spent so far)"
             print(f"{'done   ' if job.done() else 'pending'}  {job.name}{note}")
             total += guess[0] if guess else 0
             unknown += not job.done() and guess is None

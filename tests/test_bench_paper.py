@@ -26,7 +26,11 @@ def test_paper_campaign_smoke(tmp_path, gpt2_tokenizer, capsys):
     assert "0 of 13 jobs done" in plan and plan.index("sweep-c2c-metaicl") < plan.index("raw-toy-direct") < plan.index(
         "c2c-metaicl-s0"
     )
+    (tmp_path / "runs" / "elapsed").mkdir(parents=True)
+    (tmp_path / "runs" / "elapsed" / "raw-toy-direct.json").write_text('{"seconds": 1000.0}')  # a killed attempt's
     assert paper.main(["run", *args, "--lr", "maml_en_llm=0.01"]) == 0  # MetaICL's is swept
+    assert json.loads((out / "progress.json").read_text())["raw-toy-direct"]["seconds"] > 1000  # its time is added
+    assert not list((tmp_path / "runs" / "elapsed").iterdir())  # every job done: no attempt left over
     assert paper.main(["plan", *args]) == 0
     assert "13 of 13 jobs done" in capsys.readouterr().out
 
@@ -116,6 +120,36 @@ def test_paper_verdict_follows_the_protocol():
     assert verdict(p(0.2, -2.1, 2.6, var_common=1e-4), 2.0) == ("unresolved", "more test examples, not seeds, to refute")
     assert verdict(p(-0.0, -1.4, 1.4), None)[0] == "no difference resolved (A − B within ±1.4)"
     assert verdict(p(-2.0, -3.0, -1.0), None)[0] == "differs"
+
+
+def test_paper_clock_keeps_the_time_of_killed_attempts(tmp_path, capsys):
+    """A job cut by a session's end and finished by a later one records its whole time: each attempt's
+    time is written every so often under runs/elapsed/, added by the next attempt, and shown by plan."""
+    import argparse
+    import time
+
+    import pytest
+
+    from bench import paper
+
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    args = ["--arms", "c2c", "--methods", "metaicl", "--runs", str(runs), "--out", str(out)]
+    path = runs / "elapsed" / "c2c-metaicl-s0.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"seconds": 1200.0}))  # an earlier attempt, killed after 20 min
+    assert paper.main(["plan", *args]) == 0
+    assert "pending  c2c-metaicl-s0  (20 min spent so far)" in capsys.readouterr().out
+    fields = dict(size="cpu", model="builtin", data=None, setting="bb_class_to_class", setting2="bb_hr_to_lr", lr=None)
+    campaign = paper.Campaign(argparse.Namespace(**fields, arms="c2c", methods="metaicl", runs=str(runs), out=str(out)))
+    job = next(j for j in campaign.jobs() if j.name == "c2c-metaicl-s0")
+    with pytest.raises(RuntimeError, match="killed"), campaign._clock(job, every=0.05):
+        time.sleep(0.3)
+        assert 1200.0 < json.loads(path.read_text())["seconds"] < 1201.0  # the heartbeat wrote it meanwhile
+        raise RuntimeError("killed")
+    assert json.loads(path.read_text())["seconds"] >= 1200.3  # a failed attempt keeps its time for the next
+    with campaign._clock(job) as spent:
+        pass
+    assert spent() >= 1200.3 and not path.exists()  # done: the whole time, and the file goes
 
 
 def test_paper_run_stop_by_starts_no_job_that_would_end_after_it(tmp_path, capsys):
