@@ -117,11 +117,20 @@ def bench_model(name: str):  # type: ignore[no-untyped-def]
 
 
 def evaluate_to_file(
-    path: Path, label: str, model_spec: str, data_dir: str | None, setting_name: str, cfg: Any, workers: int = 0
+    path: Path,
+    label: str,
+    model_spec: str,
+    data_dir: str | None,
+    setting_name: str,
+    cfg: Any,
+    workers: int = 0,
+    cache_dir: Path | None = None,
+    before_unit: Any = None,
 ) -> dict:
     """Evaluate `model_spec` on a setting with an `EvalConfig` and write the results (with every prediction)
     to `path` atomically; an existing file is reused only for the very same weights, setting and protocol.
-    With `workers` the units run on that many Ray actors; the loss cache is shared either way."""
+    With `workers` the units run on that many Ray actors; the loss cache (`cache_dir`, default the user's)
+    is shared either way. `before_unit`: see `evaluate_setting` (in-process runs only)."""
     import json
 
     from raymeta.data import open_data
@@ -140,17 +149,19 @@ def evaluate_to_file(
         if same == (fingerprint, setting.name, config_record(cfg)) and "ci95_method" in cached:  # with predictions
             return cached
     began = time.time()
+    cache_dir = cache_dir or paths().loss_cache
     if workers:
         from raymeta.run.parallel_eval import ModelSource, evaluate_parallel
 
         del model
         source = ModelSource(model_spec, device="cpu")
-        results = evaluate_parallel(
-            source, data, setting, cfg, model_id=fingerprint, workers=workers, cache_dir=paths().loss_cache
-        )
+        results = evaluate_parallel(source, data, setting, cfg, model_id=fingerprint, workers=workers, cache_dir=cache_dir)
     else:
-        cache = LossCache(paths().loss_cache)
-        results = evaluate_setting(model, load_tokenizer(model_spec), data, setting, cfg, model_id=fingerprint, cache=cache)
+        cache = LossCache(cache_dir)
+        tokenizer = load_tokenizer(model_spec)
+        results = evaluate_setting(
+            model, tokenizer, data, setting, cfg, model_id=fingerprint, cache=cache, before_unit=before_unit
+        )
     results["model"] = label
     results["eval_seconds"] = round(time.time() - began, 1)
     atomic_write_json(path, results)

@@ -16,7 +16,10 @@ order of priority, each one resumable and idempotent:
 
 Big files (checkpoints, sweep folders) go to --runs (default runs/paper); what the report reads (eval
 JSON with every prediction, learning curves, sweep tables, progress.json) goes to --out (default
-bench/results/paper) and is committed. `--size smoke` runs the same campaign on a tiny model in minutes
+bench/results/paper) and is committed, and so is an unfinished job's progress, --out/partial/<job>/
+(the time its attempts spent and the losses of its finished evaluation units, a few MB at most): a
+session that ends, even one whose ignored files are wiped, loses at most the unit it was scoring.
+With --stop-by an evaluation also stops between its units. `--size smoke` runs the same campaign on a tiny model in minutes
 (the tests use it).
 """
 
@@ -40,6 +43,11 @@ SEEDS = (0, 1, 2)
 LR_GRID = (1e-5, 3e-5, 1e-4, 3e-4)
 LORA_LR_GRID = (1e-4, 3e-4, 1e-3, 3e-3)
 METHODS = ("metaicl", "maml_en_llm", "fomaml", "reptile")
+
+
+class StopBy(Exception):
+    """--stop-by reached between two evaluation units (the finished ones are kept under partial/)."""
+
 
 SIZES: dict[str, dict[str, Any]] = {
     "cpu": {
@@ -138,8 +146,9 @@ ARMS = (
     # h2l before c2c-channel since 2026-12-01: channel evaluations (250 examples, ~3 h a model on CPU) would
     # hold the second setting back by ~20 h (docs/results.md says so; nothing else of the protocol changed)
     Arm("h2l", "bb_hr_to_lr"),
-    Arm("c2c-channel", "bb_class_to_class", variant="channel"),
+    # c2c-lora before c2c-channel since 2026-12-02: the channel arm needs ~40 h of this CPU, the LoRA arm ~6 h
     Arm("c2c-lora", "bb_class_to_class", lora=True, sweep="lora"),
+    Arm("c2c-channel", "bb_class_to_class", variant="channel"),
 )
 
 
@@ -165,6 +174,7 @@ class Campaign:
         self.settings = {"bb_class_to_class": args.setting, "bb_hr_to_lr": args.setting2}
         self.arms = [a for a in ARMS if args.arms is None or a.name in args.arms.split(",")]
         self.methods = tuple(args.methods.split(",")) if args.methods else METHODS
+        self.stop_by: float | None = getattr(args, "stop_by", None)
         self.given: dict[str, float] = {}  # SWEEP-METHOD -> a learning rate given instead of swept
         for item in (args.lr or "").split(","):
             if item.strip():
@@ -246,23 +256,32 @@ class Campaign:
             elif job.kind == "raw":
                 assert job.arm is not None
                 modes = ("zero-shot", "icl")
-                self._evaluate(job.outputs[0], self.model, job.arm, modes=modes, adapt=False)
+                self._evaluate(job, job.outputs[0], self.model, modes=modes, adapt=False)
             else:
                 self._model(job)
         self._progress(job, spent())
 
+    def partial(self, job: Job) -> Path:
+        """An unfinished job's progress, committed with the results: elapsed.json, unit.json, losses/."""
+        return self.out / "partial" / job.name
+
     def spent(self, job: Job) -> float:
-        """The time earlier, unfinished attempts at a job spent (0 if none, or their files were lost)."""
-        path = self.runs / "elapsed" / f"{job.name}.json"
+        """The time earlier, unfinished attempts at a job spent (0 if none)."""
+        path = self.partial(job) / "elapsed.json"
         return float(json.loads(path.read_text())["seconds"]) if path.is_file() else 0.0
+
+    def units_kept(self, job: Job) -> int:
+        """How many scored evaluation units (a target, a seed, a mode) of an unfinished job have their losses kept
+        (a target's zero-shot units share one: their test sequences are the same for every seed)."""
+        return sum(1 for _ in (self.partial(job) / "losses").rglob("*.json"))
 
     @contextlib.contextmanager
     def _clock(self, job: Job, every: float = 30.0) -> Iterator[Callable[[], float]]:
         """The job's time over all its attempts: what earlier, killed attempts spent (written every `every`
-        seconds to runs/elapsed/<job>.json, next to the checkpoints they resume from) plus this one's. A
-        job that a session's end cut and a later session finished then records its whole time, not only
-        its last part; the file goes when the job is done."""
-        path = self.runs / "elapsed" / f"{job.name}.json"
+        seconds to partial/<job>/elapsed.json) plus this one's. A job that a session's end cut and a later
+        session finished then records its whole time, not only its last part (including training redone
+        when a wipe took its checkpoints); partial/<job>/ goes when the job is done."""
+        path = self.partial(job) / "elapsed.json"
         before = self.spent(job)
         began, stop = time.time(), threading.Event()
 
@@ -281,7 +300,7 @@ class Campaign:
             stop.set()
             thread.join()
             _write_json(path, {"seconds": round(spent(), 1)})
-        path.unlink()
+        shutil.rmtree(self.partial(job))
 
     def _sweep(self, job: Job) -> None:
         import yaml
@@ -355,19 +374,21 @@ class Campaign:
             final = str(train(cfg, resume=resume, progress=True))
             curve.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(Path(cfg.run.out) / "metrics.jsonl", curve)
-            self._evaluate(eval_json, final, arm, modes=("icl",), adapt=False)
+            self._evaluate(job, eval_json, final, modes=("icl",), adapt=False)
             if job.method in arm.adapt:
-                self._evaluate(job.outputs[2], final, arm, modes=("icl",), adapt=True)
+                self._evaluate(job, job.outputs[2], final, modes=("icl",), adapt=True)
         if not curve.is_file():
             shutil.copyfile(self.runs / job.name / "metrics.jsonl", curve)
         shutil.rmtree(self.runs / job.name / "checkpoints", ignore_errors=True)  # evaluated: the weights are not needed
 
-    def _evaluate(self, path: Path, model_spec: str, arm: Arm, *, modes: tuple[str, ...], adapt: bool) -> None:
+    def _evaluate(self, job: Job, path: Path, model_spec: str, *, modes: tuple[str, ...], adapt: bool) -> None:
         from raymeta.eval.adapt import AdaptConfig
         from raymeta.eval.icl import EvalConfig
 
         if path.is_file():  # done: its checkpoint may be deleted already
             return
+        arm = job.arm
+        assert arm is not None
         e = self.size["eval"]
         cfg = EvalConfig(
             k=e["k"],
@@ -378,7 +399,40 @@ class Campaign:
             truncation="shared",
             adapt=AdaptConfig(self.size["adapt_steps"]) if adapt else None,
         )
-        evaluate_to_file(path, path.stem, model_spec, self.data, self.settings[arm.setting], cfg)
+        partial = self.partial(job)
+        evaluate_to_file(
+            path, path.stem, model_spec, self.data, self.settings[arm.setting], cfg,
+            cache_dir=partial / "losses", before_unit=self._stop_between_units(job, partial / "unit.json"),
+        )  # fmt: skip
+
+    def _stop_between_units(self, job: Job, record: Path) -> Callable[[Any], None] | None:
+        """With --stop-by, a check before each evaluation unit: stop (StopBy) when the longest unit seen so
+        far, in any attempt (kept in `record`), would end after the deadline. Units found in the loss cache
+        take no time, so the first unscored unit of the first attempt always runs."""
+        if self.stop_by is None:
+            return None
+        deadline = self.stop_by
+        longest = float(json.loads(record.read_text())["longest_seconds"]) if record.is_file() else 0.0
+        last: list[float] = []
+
+        def check(unit: Any) -> None:
+            nonlocal longest
+            now = time.time()
+            if last:  # the unit before this one just finished
+                if now - last[0] > longest:
+                    longest = now - last[0]
+                    _write_json(record, {"longest_seconds": round(longest, 1)})
+                last[0] = now
+            else:
+                last.append(now)
+            if now + longest > deadline:
+                what = f"{unit.variant}/{'+'.join(unit.modes)} {unit.task} seed {unit.seed}"
+                raise StopBy(
+                    f"stopping {job.name} before {what}: units take up to {longest / 60:.0f} min, "
+                    f"{max(0.0, deadline - now) / 60:.0f} min are left before --stop-by (finished units are kept)"
+                )
+
+        return check
 
     def estimate(self, job: Job) -> tuple[float, str] | None:
         """About how long a pending job takes, from progress.json: the longest finished run of the same arm
@@ -449,7 +503,7 @@ def _deadline(text: str) -> float:
     raise argparse.ArgumentTypeError(f"{text!r}: expected a clock time HH:MM or a duration such as 2h30m, 90m or 45s")
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("command", choices=("plan", "run", "report"))
     ap.add_argument("--size", choices=sorted(SIZES), default="cpu")
@@ -471,11 +525,16 @@ def main(argv: list[str] | None = None) -> int:
         type=_deadline,
         default=None,
         metavar="HH:MM|DURATION",
-        help="start no job whose estimate (see plan) ends after this clock time today or this long from now (2h30m)",
+        help="start no job whose estimate (see plan) ends after this clock time today or this long from now (2h30m),"
+        " and no evaluation unit that would (units take as long as the longest seen so far)",
     )
     ap.add_argument("--runs", default="runs/paper", help="checkpoints and sweep folders (big; not committed)")
     ap.add_argument("--out", default="bench/results/paper", help="evaluations, curves, sweep tables, progress, report")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     campaign = Campaign(args)
     jobs = campaign.jobs()
     if args.command == "plan":
@@ -484,7 +543,8 @@ def main(argv: list[str] | None = None) -> int:
             guess = None if job.done() else campaign.estimate(job)
             note = f"  ~{guess[0] / 60:.0f} min ({guess[1]})" if guess else ""
             if not job.done() and (spent := campaign.spent(job)):
-                note += f"  ({spent / 60:.0f} min spent so far)"
+                note += f"  ({spent / 60:.0f} min spent so far"
+                note += f", {n} scored units kept)" if (n := campaign.units_kept(job)) else ")"
             print(f"{'done   ' if job.done() else 'pending'}  {job.name}{note}")
             total += guess[0] if guess else 0
             unknown += not job.done() and guess is None
@@ -514,7 +574,11 @@ def main(argv: list[str] | None = None) -> int:
             )
             break
         print(f"[paper] {job.name}: running", flush=True)
-        campaign.run(job)
+        try:
+            campaign.run(job)
+        except StopBy as stop:
+            print(f"[paper] {stop}", flush=True)
+            break
         ran += 1
         print(f"[paper] {job.name}: done", flush=True)
     return 0

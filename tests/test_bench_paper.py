@@ -26,11 +26,11 @@ def test_paper_campaign_smoke(tmp_path, gpt2_tokenizer, capsys):
     assert "0 of 13 jobs done" in plan and plan.index("sweep-c2c-metaicl") < plan.index("raw-toy-direct") < plan.index(
         "c2c-metaicl-s0"
     )
-    (tmp_path / "runs" / "elapsed").mkdir(parents=True)
-    (tmp_path / "runs" / "elapsed" / "raw-toy-direct.json").write_text('{"seconds": 1000.0}')  # a killed attempt's
+    (out / "partial" / "raw-toy-direct").mkdir(parents=True)
+    (out / "partial" / "raw-toy-direct" / "elapsed.json").write_text('{"seconds": 1000.0}')  # a killed attempt's
     assert paper.main(["run", *args, "--lr", "maml_en_llm=0.01"]) == 0  # MetaICL's is swept
     assert json.loads((out / "progress.json").read_text())["raw-toy-direct"]["seconds"] > 1000  # its time is added
-    assert not list((tmp_path / "runs" / "elapsed").iterdir())  # every job done: no attempt left over
+    assert not list((out / "partial").iterdir())  # every job done: no attempt left over
     assert paper.main(["plan", *args]) == 0
     assert "13 of 13 jobs done" in capsys.readouterr().out
 
@@ -124,7 +124,8 @@ def test_paper_verdict_follows_the_protocol():
 
 def test_paper_clock_keeps_the_time_of_killed_attempts(tmp_path, capsys):
     """A job cut by a session's end and finished by a later one records its whole time: each attempt's
-    time is written every so often under runs/elapsed/, added by the next attempt, and shown by plan."""
+    time is written every so often under partial/ (committed with the results), added by the next attempt,
+    and shown by plan."""
     import argparse
     import time
 
@@ -134,7 +135,7 @@ def test_paper_clock_keeps_the_time_of_killed_attempts(tmp_path, capsys):
 
     runs, out = tmp_path / "runs", tmp_path / "out"
     args = ["--arms", "c2c", "--methods", "metaicl", "--runs", str(runs), "--out", str(out)]
-    path = runs / "elapsed" / "c2c-metaicl-s0.json"
+    path = out / "partial" / "c2c-metaicl-s0" / "elapsed.json"
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps({"seconds": 1200.0}))  # an earlier attempt, killed after 20 min
     assert paper.main(["plan", *args]) == 0
@@ -149,7 +150,7 @@ def test_paper_clock_keeps_the_time_of_killed_attempts(tmp_path, capsys):
     assert json.loads(path.read_text())["seconds"] >= 1200.3  # a failed attempt keeps its time for the next
     with campaign._clock(job) as spent:
         pass
-    assert spent() >= 1200.3 and not path.exists()  # done: the whole time, and the file goes
+    assert spent() >= 1200.3 and not path.parent.exists()  # done: the whole time, and the job's partial/ goes
 
 
 def test_paper_run_stop_by_starts_no_job_that_would_end_after_it(tmp_path, capsys):
@@ -191,3 +192,64 @@ def test_paper_run_stop_by_starts_no_job_that_would_end_after_it(tmp_path, capsy
             paper.main(["run", *args, "--stop-by", bad])
         assert exit_.value.code == 2
     assert "--stop-by" in capsys.readouterr().err
+
+
+def test_paper_evaluation_stops_between_units_and_keeps_them(tmp_path, gpt2_tokenizer, capsys, monkeypatch):
+    """An evaluation cut between units (--stop-by, or a session's end) keeps its finished units' losses under
+    partial/<job>/ with the results, so a rerun, even after ~/.cache and runs/ are wiped, scores only the rest
+    and gets the same numbers; --stop-by stops before a unit as long as the longest one seen in any attempt."""
+    import shutil
+
+    from bench import paper
+    from raymeta.eval.cache import LossCache
+
+    tiny_gpt2().save_pretrained(tmp_path / "model")
+    gpt2_tokenizer.save_pretrained(tmp_path / "model")
+    make_data_dir(tmp_path / "data", k=4)
+    out, runs = tmp_path / "out", tmp_path / "runs"
+    args = [
+        "--size", "smoke", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "data"), "--setting", "toy",
+        "--arms", "c2c", "--methods", "metaicl", "--runs", str(runs), "--out", str(out), "--only", "raw-",
+    ]  # fmt: skip
+    partial = out / "partial" / "raw-toy-direct"
+    partial.mkdir(parents=True)
+    (partial / "unit.json").write_text('{"longest_seconds": 7200.0}')  # an earlier attempt's longest unit: 2 h
+    assert paper.main(["run", *args, "--stop-by", "1h"]) == 0
+    said = capsys.readouterr().out
+    assert "stopping raw-toy-direct before direct/zero-shot sent seed 100: units take up to 120 min" in said
+    assert not (out / "eval").exists() and (partial / "elapsed.json").is_file()  # nothing half-written
+
+    campaign = paper.Campaign(paper.parser().parse_args(["run", *args]))
+    job = next(j for j in campaign.jobs() if j.name == "raw-toy-direct")
+    seen = []
+
+    def cut_after_four(unit):  # a session's end after the fourth unit
+        seen.append(unit)
+        if len(seen) == 5:
+            raise paper.StopBy("the session ended")
+
+    campaign._stop_between_units = lambda job, record: cut_after_four
+    try:
+        campaign.run(job)
+    except paper.StopBy:
+        pass
+    # target sent, seeds 100 and 13, zero-shot and ICL: 3 scorings, as both seeds' zero-shot units score the same sequences
+    assert campaign.units_kept(job) == 3 and not job.done()
+    assert paper.main(["plan", *args]) == 0
+    assert "3 scored units kept" in capsys.readouterr().out
+    shutil.rmtree(runs, ignore_errors=True)  # a wiped session: only what is committed remains
+    hits = []
+    real_get = LossCache.get
+
+    def counting_get(self, key, n):
+        got = real_get(self, key, n)
+        hits.append(got is not None)
+        return got
+
+    monkeypatch.setattr(LossCache, "get", counting_get)
+    assert paper.main(["run", *args]) == 0
+    assert hits[:4] == [True] * 4 and job.done() and not partial.exists()
+    fresh = tmp_path / "fresh"
+    assert paper.main(["run", *args[:-6], "--runs", str(tmp_path / "runs2"), "--out", str(fresh), "--only", "raw-"]) == 0
+    a, b = (json.loads((d / "eval" / "raw-toy-direct.json").read_text())["runs"] for d in (out, fresh))
+    assert a == b  # the kept units give the very numbers a run in one go gives

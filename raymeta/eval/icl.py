@@ -365,10 +365,13 @@ def evaluate_setting(
     progress: bool = True,
     on_result: Callable[[str, str, int, float], None] | None = None,
     samples: list[dict[str, Any]] | None = None,
+    before_unit: Callable[[Unit], None] | None = None,
 ) -> dict[str, Any]:
     """Evaluate a model on the target tasks of a setting in this process; returns the results as a
     JSON-able dict. `data` is a `DataDir` (or anything with its `task_meta`, `test_examples` and
-    `demonstrations`); when `samples` is a list, every test example's record is appended to it."""
+    `demonstrations`); when `samples` is a list, every test example's record is appended to it.
+    `before_unit` is called before each unit is scored and may raise to stop there (a deadline): the
+    finished units' losses are in `cache`, so a rerun picks up where this one stopped."""
     model.eval()
     model_id = model_id or model_fingerprint(model)
     units = plan(data, setting, cfg)
@@ -376,6 +379,8 @@ def evaluate_setting(
     results: list[UnitResult] = []
     with tqdm(total=len(units), desc=f"evaluating {setting.name}", unit="run", disable=not progress) as bar:
         for unit in units:
+            if before_unit is not None:
+                before_unit(unit)
             for r in score_unit(model, tokenizer, unit, cfg, model_id, cache):
                 results.append(r)
                 if on_result is not None:
