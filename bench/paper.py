@@ -19,8 +19,8 @@ JSON with every prediction, learning curves, sweep tables, progress.json) goes t
 bench/results/paper) and is committed, and so is an unfinished job's progress, --out/partial/<job>/
 (the time its attempts spent and the losses of its finished evaluation units, a few MB at most): a
 session that ends, even one whose ignored files are wiped, loses at most the unit it was scoring.
-With --stop-by an evaluation also stops between its units. `--size smoke` runs the same campaign on a tiny model in minutes
-(the tests use it).
+With --stop-by an evaluation also stops between its units. `--size smoke` runs the same campaign on a
+tiny model in minutes (the tests use it).
 """
 
 from __future__ import annotations
