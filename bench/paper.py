@@ -438,8 +438,9 @@ class Campaign:
         """About how long a pending job takes, from progress.json: the longest finished run of the same arm
         and method (another training seed); else that of the same method in arm c2c scaled by how this arm's
         other method compares with c2c's (h2l evaluates without adaptation and takes ~0.7x); else, for a
-        channel arm, c2c's plus how much longer the raw model's channel evaluation took than its direct one;
-        else c2c's unscaled, a rough guess. Before 2026-12-02 a job resumed from a checkpoint recorded only
+        channel arm, c2c's plus how much longer the raw model's channel evaluation took than its direct one
+        (none before that has run: a channel evaluation takes hours more than a direct one); else c2c's
+        unscaled, a rough guess. Before 2026-12-02 a job resumed from a checkpoint recorded only
         its last part (now `_clock` adds earlier attempts' time), hence the longest."""
         if job.kind != "model" or job.arm is None:
             return None
@@ -462,7 +463,9 @@ class Campaign:
                 return base * here / there, f"c2c scaled by this arm's {other}"
         setting, variant = self.settings[job.arm.setting], job.arm.variant
         raw_variant, raw_direct = (progress.get(f"raw-{setting}-{v}", {}).get("seconds") for v in (variant, "direct"))
-        if variant != "direct" and raw_variant is not None and raw_direct is not None:
+        if variant != "direct":
+            if raw_variant is None or raw_direct is None:
+                return None
             # a model's evaluation costs about what the raw model's does, so c2c's plus the difference: an upper
             # estimate (the raw job evaluates zero-shot and ICL, a model job only ICL)
             return base + max(0.0, raw_variant - raw_direct), f"c2c plus the raw {variant} evaluation's extra time"

@@ -179,7 +179,10 @@ def test_paper_run_stop_by_starts_no_job_that_would_end_after_it(tmp_path, capsy
     (out / "progress.json").write_text(json.dumps({k: {"seconds": v} for k, v in seconds.items()}))
     assert paper.main(["plan", *args[:2], "--methods", "metaicl,maml_en_llm", *args[4:]]) == 0
     assert "h2l-maml_en_llm-s0  ~40 min (c2c scaled by this arm's metaicl)" in capsys.readouterr().out
-    # a channel arm with no run yet: c2c's plus how much longer the raw model's channel evaluation took
+    # a channel arm with no run yet: no estimate before the raw model's channel evaluation has run (hours more
+    # than a direct one here), then c2c's plus how much longer that took than the direct one
+    assert paper.main(["plan", "--arms", "c2c,c2c-channel", "--methods", "metaicl,maml_en_llm", *args[4:]]) == 0
+    assert "pending  c2c-channel-maml_en_llm-s0\n" in capsys.readouterr().out
     seconds |= {"raw-bb_class_to_class-direct": 600, "raw-bb_class_to_class-channel": 6600}
     (out / "progress.json").write_text(json.dumps({k: {"seconds": v} for k, v in seconds.items()}))
     assert paper.main(["plan", "--arms", "c2c,c2c-channel", "--methods", "metaicl,maml_en_llm", *args[4:]]) == 0
