@@ -153,6 +153,54 @@ def test_paper_clock_keeps_the_time_of_killed_attempts(tmp_path, capsys):
     assert spent() >= 1200.3 and not path.parent.exists()  # done: the whole time, and the job's partial/ goes
 
 
+def test_paper_stop_by_judges_a_unit_by_the_longest_of_its_kind(tmp_path, monkeypatch):
+    """--stop-by judges the next evaluation unit by the longest unit of its kind (variant, modes, target) seen
+    in any attempt, and a kind not seen yet by the longest unit of any kind: a channel evaluation's first
+    target took ~21 min a unit, its later ones 3-5, so judging all by the first wasted ~17 min a session."""
+    import argparse
+    from types import SimpleNamespace
+
+    import pytest
+
+    from bench import paper
+
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    fields = dict(size="cpu", model="builtin", data=None, setting="bb_class_to_class", setting2="bb_hr_to_lr", lr=None)
+    campaign = paper.Campaign(argparse.Namespace(**fields, arms="c2c", methods="metaicl", runs=str(runs), out=str(out)))
+    job = next(j for j in campaign.jobs() if j.name == "raw-bb_class_to_class-direct")
+    record = tmp_path / "unit.json"
+    record.write_text('{"longest_seconds": 1320.0}')  # an earlier attempt (no kinds recorded): 22 min
+    clock = [0.0]
+    monkeypatch.setattr(paper.time, "time", lambda: clock[0])
+    campaign.stop_by = 1800.0  # 30 min from the start of this attempt
+    check = campaign._stop_between_units(job, record)
+
+    def unit(task, seed):
+        return SimpleNamespace(variant="channel", modes=("icl",), task=task, seed=seed)
+
+    check(unit("a", 100))  # 22 min of 30 left: runs
+    clock[0] = 1200.0  # task a's unit took 20 min
+    with pytest.raises(paper.StopBy, match="before channel/icl b seed 100: units take up to 22 min"):
+        check(unit("b", 100))  # b not seen yet, judged by the longest of any kind; 10 min are left
+    assert json.loads(record.read_text()) == {"longest_seconds": 1320.0, "by_kind": {"channel/icl a": 1200.0}}
+    clock[0] = 0.0
+    check = campaign._stop_between_units(job, record)  # the next attempt
+    check(unit("b", 100))
+    clock[0] = 240.0  # b took 4 min
+    check(unit("b", 13))
+    clock[0] = 1500.0  # a third attempt, started 25 min into this clock: 5 min left
+    check = campaign._stop_between_units(job, record)
+    check(unit("b", 21))  # a b unit takes 4 min: runs (the longest of any kind, 22 min, stopped here)
+    clock[0] = 1570.0  # it took 70 s; 3.8 min are left
+    with pytest.raises(paper.StopBy, match="before channel/icl b seed 42: units like it take up to 4 min"):
+        check(unit("b", 42))
+    clock[0] = 1500.0
+    check = campaign._stop_between_units(job, record)
+    with pytest.raises(paper.StopBy, match="before channel/icl c seed 100: units take up to 22 min"):
+        check(unit("c", 100))
+    assert json.loads(record.read_text())["by_kind"] == {"channel/icl a": 1200.0, "channel/icl b": 240.0}
+
+
 def test_paper_run_stop_by_starts_no_job_that_would_end_after_it(tmp_path, capsys):
     """--stop-by: a job whose estimate (the longest finished run of another seed) ends after the deadline is
     not started, so a session that ends does not kill it half-way; plan shows the estimates; a bad value is
@@ -200,7 +248,8 @@ def test_paper_run_stop_by_starts_no_job_that_would_end_after_it(tmp_path, capsy
 def test_paper_evaluation_stops_between_units_and_keeps_them(tmp_path, gpt2_tokenizer, capsys, monkeypatch):
     """An evaluation cut between units (--stop-by, or a session's end) keeps its finished units' losses under
     partial/<job>/ with the results, so a rerun, even after ~/.cache and runs/ are wiped, scores only the rest
-    and gets the same numbers; --stop-by stops before a unit as long as the longest one seen in any attempt."""
+    and gets the same numbers; --stop-by stops before a unit as long as the longest one seen in any attempt
+    (of its kind, else of any)."""
     import shutil
 
     from bench import paper
