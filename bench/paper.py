@@ -409,28 +409,27 @@ class Campaign:
         """With --stop-by, a check before each evaluation unit: stop (StopBy) when the unit would end after the
         deadline, judged by the longest unit of its kind (variant, modes, target) seen so far in any attempt,
         else by the longest unit of any kind (both kept in `record`): a channel evaluation's first target took
-        ~21 min a unit, its later ones 3-5. Units found in the loss cache take no time, so the first unscored
-        unit of the first attempt always runs."""
+        ~21 min a unit, its later ones 3-5. Units found in the loss cache take well under a second and are not
+        recorded (a kind known only from cache hits is judged by the longest of any), so the first unscored unit
+        of the first attempt always runs."""
         if self.stop_by is None:
             return None
         deadline = self.stop_by
         kept = json.loads(record.read_text()) if record.is_file() else {}
         longest = float(kept.get("longest_seconds", 0.0))
         by_kind: dict[str, float] = {k: float(v) for k, v in kept.get("by_kind", {}).items()}
-        last: list[Any] = []  # when the unit before this one began, and its kind
+        began, began_kind = 0.0, ""  # when the unit before this one began, and its kind ("" before the first)
 
         def check(unit: Any) -> None:
-            nonlocal longest
+            nonlocal longest, began, began_kind
             now, kind = time.time(), f"{unit.variant}/{'+'.join(unit.modes)} {unit.task}"
-            if last:  # the unit before this one just finished
-                took, done = now - last[0], last[1]
-                if took > by_kind.get(done, 0.0) or took > longest:
-                    longest, by_kind[done] = max(longest, took), max(by_kind.get(done, 0.0), took)
-                    rounded = {k: round(v, 1) for k, v in by_kind.items()}
-                    _write_json(record, {"longest_seconds": round(longest, 1), "by_kind": rounded})
-                last[:] = [now, kind]
-            else:
-                last.extend([now, kind])
+            took = now - began
+            # a unit found in the loss cache takes well under a second: not a measure of its kind
+            if began_kind and took >= 1.0 and took > by_kind.get(began_kind, 0.0):
+                longest, by_kind[began_kind] = max(longest, took), took
+                rounded = {k: round(v, 1) for k, v in by_kind.items()}
+                _write_json(record, {"longest_seconds": round(longest, 1), "by_kind": rounded})
+            began, began_kind = now, kind
             expect = by_kind.get(kind, longest)
             if now + expect > deadline:
                 raise StopBy(

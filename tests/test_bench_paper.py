@@ -199,6 +199,18 @@ def test_paper_stop_by_judges_a_unit_by_the_longest_of_its_kind(tmp_path, monkey
     with pytest.raises(paper.StopBy, match="before channel/icl c seed 100: units take up to 22 min"):
         check(unit("c", 100))
     assert json.loads(record.read_text())["by_kind"] == {"channel/icl a": 1200.0, "channel/icl b": 240.0}
+    clock[0] = 0.0  # units found in the loss cache (well under a second each) are no measure of their kind
+    check = campaign._stop_between_units(job, record)
+    check(unit("d", 100))
+    clock[0] = 0.3
+    check(unit("d", 13))
+    clock[0] = 0.6
+    check(unit("d", 21))
+    assert "channel/icl d" not in json.loads(record.read_text())["by_kind"]
+    clock[0], campaign.stop_by = 0.0, 1000.0  # the next attempt: 16.7 min; d is judged by the longest of any
+    check = campaign._stop_between_units(job, record)
+    with pytest.raises(paper.StopBy, match="before channel/icl d seed 42: units take up to 22 min"):
+        check(unit("d", 42))
 
 
 def test_paper_run_stop_by_starts_no_job_that_would_end_after_it(tmp_path, capsys):
