@@ -559,8 +559,10 @@ def main(argv: list[str] | None = None) -> int:
             total += guess[0] if guess else 0
             unknown += not job.done() and guess is None
         print(f"{sum(j.done() for j in jobs)} of {len(jobs)} jobs done", end="")
-        if total or unknown:
+        if total:
             print(f"; the pending ones take about {total / 3600:.1f} h or more ({unknown} without an estimate)", end="")
+        elif unknown:
+            print(f"; none of the {unknown} pending has an estimate yet", end="")
         print()
         return 0
     if args.command == "report":

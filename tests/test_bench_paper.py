@@ -243,6 +243,8 @@ def test_paper_run_stop_by_starts_no_job_that_would_end_after_it(tmp_path, capsy
     # than a direct one here), then c2c's plus how much longer that took than the direct one
     assert paper.main(["plan", "--arms", "c2c,c2c-channel", "--methods", "metaicl,maml_en_llm", *args[4:]]) == 0
     assert "pending  c2c-channel-maml_en_llm-s0\n" in capsys.readouterr().out
+    assert paper.main(["plan", "--arms", "c2c-channel", "--methods", "metaicl,maml_en_llm", *args[4:]]) == 0
+    assert capsys.readouterr().out.endswith("0 of 9 jobs done; none of the 9 pending has an estimate yet\n")
     seconds |= {"raw-bb_class_to_class-direct": 600, "raw-bb_class_to_class-channel": 6600}
     (out / "progress.json").write_text(json.dumps({k: {"seconds": v} for k, v in seconds.items()}))
     assert paper.main(["plan", "--arms", "c2c,c2c-channel", "--methods", "metaicl,maml_en_llm", *args[4:]]) == 0
