@@ -538,13 +538,22 @@ def parser() -> argparse.ArgumentParser:
         " and no evaluation unit that would (a unit takes as long as the longest of its target and mode seen so far,"
         " else the longest of any)",
     )
+    ap.add_argument(
+        "--start-long",
+        action="store_true",
+        help="with --stop-by, start a job even when its estimate ends after it: its training (minutes) runs whole and"
+        " its evaluation stops between units at --stop-by, the finished units kept for the next run",
+    )
     ap.add_argument("--runs", default="runs/paper", help="checkpoints and sweep folders (big; not committed)")
     ap.add_argument("--out", default="bench/results/paper", help="evaluations, curves, sweep tables, progress, report")
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    ap = parser()
+    args = ap.parse_args(argv)
+    if args.start_long and args.stop_by is None:
+        ap.error("--start-long needs --stop-by (the time at which the job's evaluation stops)")
     campaign = Campaign(args)
     jobs = campaign.jobs()
     if args.command == "plan":
@@ -560,7 +569,8 @@ def main(argv: list[str] | None = None) -> int:
             unknown += not job.done() and guess is None
         print(f"{sum(j.done() for j in jobs)} of {len(jobs)} jobs done", end="")
         if total:
-            print(f"; the pending ones take about {total / 3600:.1f} h or more ({unknown} without an estimate)", end="")
+            print(f"; the pending ones take about {total / 3600:.1f} h", end="")
+            print(f" or more ({unknown} without an estimate)" if unknown else "", end="")
         elif unknown:
             print(f"; none of the {unknown} pending has an estimate yet", end="")
         print()
@@ -579,12 +589,19 @@ def main(argv: list[str] | None = None) -> int:
         guess = campaign.estimate(job)
         if args.stop_by is not None and guess is not None and time.time() + guess[0] > args.stop_by:
             left = max(0.0, args.stop_by - time.time())
-            print(
-                f"[paper] stopping before {job.name}: it takes about {guess[0] / 60:.0f} min, "
-                f"{left / 60:.0f} min are left before --stop-by",
-                flush=True,
-            )
-            break
+            if args.start_long and left > 0:
+                print(
+                    f"[paper] {job.name}: takes about {guess[0] / 60:.0f} min, {left / 60:.0f} min are left;"
+                    " --start-long: its evaluation stops between units at --stop-by",
+                    flush=True,
+                )
+            else:
+                print(
+                    f"[paper] stopping before {job.name}: it takes about {guess[0] / 60:.0f} min, "
+                    f"{left / 60:.0f} min are left before --stop-by",
+                    flush=True,
+                )
+                break
         print(f"[paper] {job.name}: running", flush=True)
         try:
             campaign.run(job)

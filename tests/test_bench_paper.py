@@ -231,9 +231,27 @@ def test_paper_run_stop_by_starts_no_job_that_would_end_after_it(tmp_path, capsy
     plan = capsys.readouterr().out
     assert "c2c-metaicl-s2  ~30 min (another seed)" in plan and "h2l-metaicl-s0  ~30 min (c2c, a rough guess)" in plan
     assert "about 3.0 h or more (3 without an estimate)" in plan  # 6 model runs; the sweep and 2 raw evaluations have none
+    c2c = [*args[2:], "--arms", "c2c"]  # with the sweep and raw evaluation done, every pending job has an estimate
+    made = [p for j in paper.Campaign(paper.parser().parse_args(["plan", *c2c])).jobs() if j.kind != "model" for p in j.outputs]
+    for path in made:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("{}")
+    assert paper.main(["plan", *c2c]) == 0
+    assert capsys.readouterr().out.endswith("2 of 5 jobs done; the pending ones take about 1.5 h\n")
+    for path in made:
+        path.unlink()
     assert paper.main(["run", *args, "--only", "c2c-metaicl-s2", "--stop-by", "29m"]) == 0
     assert "stopping before c2c-metaicl-s2: it takes about 30 min, 29 min are left" in capsys.readouterr().out
     assert not (tmp_path / "runs").exists()  # nothing started
+    started = []  # --start-long starts it anyway (here with the training and evaluation left out)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(paper.Campaign, "run", lambda self, job: started.append(job.name))
+        assert paper.main(["run", *args, "--only", "c2c-metaicl-s2", "--stop-by", "29m", "--start-long"]) == 0
+    assert started == ["c2c-metaicl-s2"]
+    assert "c2c-metaicl-s2: takes about 30 min, 29 min are left; --start-long" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:
+        paper.main(["run", *args, "--start-long"])
+    assert exit_.value.code == 2 and "--start-long needs --stop-by" in capsys.readouterr().err
     # another arm's method with no run yet: c2c's, scaled by how this arm's other method compares with c2c's
     seconds = {"c2c-metaicl-s0": 1800, "c2c-maml_en_llm-s0": 3600, "h2l-metaicl-s0": 1200}
     (out / "progress.json").write_text(json.dumps({k: {"seconds": v} for k, v in seconds.items()}))
