@@ -250,7 +250,7 @@ class Campaign:
 
     # --- running -----------------------------------------------------------------------------------
     def run(self, job: Job) -> None:
-        with self._clock(job) as spent:
+        with self._clock(job):
             if job.kind == "sweep":
                 self._sweep(job)
             elif job.kind == "raw":
@@ -259,7 +259,6 @@ class Campaign:
                 self._evaluate(job, job.outputs[0], self.model, modes=modes, adapt=False)
             else:
                 self._model(job)
-        self._progress(job, spent())
 
     def partial(self, job: Job) -> Path:
         """An unfinished job's progress, committed with the results: elapsed.json, unit.json, losses/."""
@@ -280,9 +279,16 @@ class Campaign:
         """The job's time over all its attempts: what earlier, killed attempts spent (written every `every`
         seconds to partial/<job>/elapsed.json) plus this one's. A job that a session's end cut and a later
         session finished then records its whole time, not only its last part (including training redone
-        when a wipe took its checkpoints); partial/<job>/ goes when the job is done."""
+        when a wipe took its checkpoints), in progress.json with the CPUs its attempts ran on (sessions get
+        different machines: an AVX2-only EPYC, one with AVX-512); partial/<job>/ goes when the job is done."""
+        from raymeta.provenance import cpu_model_and_flags
+
         path = self.partial(job) / "elapsed.json"
         before = self.spent(job)
+        cpu = cpu_model_and_flags()
+        here = f"{cpu['cpu_model']}: {' '.join(cpu['cpu_flags'])}"
+        kept = json.loads(path.read_text()).get("cpus", []) if path.is_file() else []
+        cpus = kept + [here] * (here not in kept)
         began, stop = time.time(), threading.Event()
 
         def spent() -> float:
@@ -290,7 +296,7 @@ class Campaign:
 
         def beat() -> None:
             while not stop.wait(every):
-                _write_json(path, {"seconds": round(spent(), 1)})
+                _write_json(path, {"seconds": round(spent(), 1), "cpus": cpus})
 
         thread = threading.Thread(target=beat, name=f"clock-{job.name}", daemon=True)
         thread.start()
@@ -299,7 +305,11 @@ class Campaign:
         finally:
             stop.set()
             thread.join()
-            _write_json(path, {"seconds": round(spent(), 1)})
+            _write_json(path, {"seconds": round(spent(), 1), "cpus": cpus})
+        progress = self._read_progress()  # done (an exception skips this): recorded before partial/ goes
+        finished = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        progress[job.name] = {"seconds": round(spent(), 1), "finished": finished, "cpus": cpus}
+        _write_json(self.out / "progress.json", progress)
         shutil.rmtree(self.partial(job))
 
     def _sweep(self, job: Job) -> None:
@@ -480,11 +490,6 @@ class Campaign:
     def _read_progress(self) -> dict[str, Any]:
         path = self.out / "progress.json"
         return json.loads(path.read_text()) if path.is_file() else {}
-
-    def _progress(self, job: Job, seconds: float) -> None:
-        progress = self._read_progress()
-        progress[job.name] = {"seconds": round(seconds, 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        _write_json(self.out / "progress.json", progress)
 
 
 def _write_json(path: Path, obj: Any) -> None:

@@ -132,12 +132,13 @@ def test_paper_clock_keeps_the_time_of_killed_attempts(tmp_path, capsys):
     import pytest
 
     from bench import paper
+    from raymeta.provenance import cpu_model_and_flags
 
     runs, out = tmp_path / "runs", tmp_path / "out"
     args = ["--arms", "c2c", "--methods", "metaicl", "--runs", str(runs), "--out", str(out)]
     path = out / "partial" / "c2c-metaicl-s0" / "elapsed.json"
     path.parent.mkdir(parents=True)
-    path.write_text(json.dumps({"seconds": 1200.0}))  # an earlier attempt, killed after 20 min
+    path.write_text(json.dumps({"seconds": 1200.0, "cpus": ["Other CPU: avx2 fma"]}))  # an attempt killed after 20 min
     assert paper.main(["plan", *args]) == 0
     assert "pending  c2c-metaicl-s0  (20 min spent so far)" in capsys.readouterr().out
     fields = dict(size="cpu", model="builtin", data=None, setting="bb_class_to_class", setting2="bb_hr_to_lr", lr=None)
@@ -151,6 +152,9 @@ def test_paper_clock_keeps_the_time_of_killed_attempts(tmp_path, capsys):
     with campaign._clock(job) as spent:
         pass
     assert spent() >= 1200.3 and not path.parent.exists()  # done: the whole time, and the job's partial/ goes
+    done = json.loads((out / "progress.json").read_text())["c2c-metaicl-s0"]
+    assert done["seconds"] >= 1200.3 and done["cpus"][0] == "Other CPU: avx2 fma" and len(done["cpus"]) == 2
+    assert done["cpus"][1].startswith(f"{cpu_model_and_flags()['cpu_model']}: ")  # and this machine's
 
 
 def test_paper_stop_by_judges_a_unit_by_the_longest_of_its_kind(tmp_path, monkeypatch):
