@@ -32,7 +32,7 @@ import json
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -281,12 +281,15 @@ class Campaign:
         session finished then records its whole time, not only its last part (including training redone
         when a wipe took its checkpoints), in progress.json with the CPUs its attempts ran on (sessions get
         different machines: an AVX2-only EPYC, one with AVX-512); partial/<job>/ goes when the job is done."""
+        import torch
+
         from raymeta.provenance import cpu_model_and_flags
 
         path = self.partial(job) / "elapsed.json"
         before = self.spent(job)
         cpu = cpu_model_and_flags()
-        here = f"{cpu['cpu_model']}: {' '.join(cpu['cpu_flags'])}"
+        kernels = torch.backends.cpu.get_cpu_capability()  # pinned to AVX2 by `python -m bench.paper`
+        here = f"{cpu['cpu_model']}: {' '.join(cpu['cpu_flags'])} (kernels {kernels})"
         kept = json.loads(path.read_text()).get("cpus", []) if path.is_file() else []
         cpus = kept + [here] * (here not in kept)
         began, stop = time.time(), threading.Event()
@@ -618,5 +621,25 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+# PyTorch's, MKL's and oneDNN's CPU kernels pick their code path (AVX2, AVX-512, AMX) by the CPU, and the
+# paths sum in different orders: a session on an AVX-512 EPYC retrained a job 5e-5 off the AVX2 sessions'
+# losses (8e-6 at the first forward pass), so its weights' fingerprint changed and its kept evaluation units
+# were scored again. Pinned to AVX2 (what every session's CPU has had), the retraining on that AVX-512
+# machine gave the AVX2 sessions' losses and gradient norms bit for bit. Ray's workers inherit them.
+PINNED_KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+
+
+def pin_cpu_kernels(environ: MutableMapping[str, str]) -> None:
+    """Set PINNED_KERNELS in `environ` (before torch is imported) on x86-64, keeping any already set."""
+    import platform
+
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        for key, value in PINNED_KERNELS.items():
+            environ.setdefault(key, value)
+
+
 if __name__ == "__main__":
+    import os
+
+    pin_cpu_kernels(os.environ)
     raise SystemExit(main())

@@ -130,6 +130,7 @@ def test_paper_clock_keeps_the_time_of_killed_attempts(tmp_path, capsys):
     import time
 
     import pytest
+    import torch
 
     from bench import paper
     from raymeta.provenance import cpu_model_and_flags
@@ -154,7 +155,32 @@ def test_paper_clock_keeps_the_time_of_killed_attempts(tmp_path, capsys):
     assert spent() >= 1200.3 and not path.parent.exists()  # done: the whole time, and the job's partial/ goes
     done = json.loads((out / "progress.json").read_text())["c2c-metaicl-s0"]
     assert done["seconds"] >= 1200.3 and done["cpus"][0] == "Other CPU: avx2 fma" and len(done["cpus"]) == 2
-    assert done["cpus"][1].startswith(f"{cpu_model_and_flags()['cpu_model']}: ")  # and this machine's
+    assert done["cpus"][1].startswith(f"{cpu_model_and_flags()['cpu_model']}: ")  # and this machine's,
+    assert done["cpus"][1].endswith(f" (kernels {torch.backends.cpu.get_cpu_capability()})")  # with its kernels
+
+
+def test_paper_pins_cpu_kernels_to_avx2():
+    """`python -m bench.paper` pins PyTorch's, MKL's and oneDNN's CPU kernels to AVX2 (keeping a value the user
+    set), so a job retrained on another session's machine (AVX-512 or AMX) gets the same weights bit for bit
+    and its kept evaluation units still apply."""
+    import os
+    import platform
+    import subprocess
+    import sys
+
+    from bench import paper
+
+    env = {"MKL_ENABLE_INSTRUCTIONS": "SSE4_2"}
+    paper.pin_cpu_kernels(env)
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        assert env == {"MKL_ENABLE_INSTRUCTIONS": "SSE4_2"}  # nothing to pin elsewhere
+        return
+    assert env == {"MKL_ENABLE_INSTRUCTIONS": "SSE4_2", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    full = {k: v for k, v in os.environ.items() if k not in paper.PINNED_KERNELS}
+    paper.pin_cpu_kernels(full)
+    code = "import torch; print(torch.backends.cpu.get_cpu_capability())"
+    got = subprocess.run([sys.executable, "-c", code], env=full, capture_output=True, text=True, check=True)
+    assert got.stdout.strip() == "AVX2"  # every CI and session machine so far has had AVX2
 
 
 def test_paper_stop_by_judges_a_unit_by_the_longest_of_its_kind(tmp_path, monkeypatch):
