@@ -279,6 +279,20 @@ def test_paper_run_stop_by_starts_no_job_that_would_end_after_it(tmp_path, capsy
         assert paper.main(["run", *args, "--only", "c2c-metaicl-s2", "--stop-by", "29m", "--start-long"]) == 0
     assert started == ["c2c-metaicl-s2"]
     assert "c2c-metaicl-s2: takes about 30 min, 29 min are left; --start-long" in capsys.readouterr().out
+    # a job that earlier attempts spent 20 of its 30 min on: only the 10 left count, in run and in plan
+    partial = out / "partial" / "c2c-metaicl-s2"
+    partial.mkdir(parents=True)
+    (partial / "elapsed.json").write_text(json.dumps({"seconds": 1200.0}))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(paper.Campaign, "run", lambda self, job: started.append(job.name))
+        assert paper.main(["run", *args, "--only", "c2c-metaicl-s2", "--stop-by", "12m"]) == 0
+        assert started == ["c2c-metaicl-s2"] * 2
+        assert paper.main(["run", *args, "--only", "c2c-metaicl-s2", "--stop-by", "9m"]) == 0
+    assert "stopping before c2c-metaicl-s2: it takes about 30 min (10 more), 9 min are left" in capsys.readouterr().out
+    assert paper.main(["plan", *args]) == 0
+    plan = capsys.readouterr().out
+    assert "c2c-metaicl-s2  ~30 min (another seed)  (20 min spent so far)" in plan and "about 2.7 h or more" in plan
+    (partial / "elapsed.json").unlink()
     with pytest.raises(SystemExit) as exit_:
         paper.main(["run", *args, "--start-long"])
     assert exit_.value.code == 2 and "--start-long needs --stop-by" in capsys.readouterr().err
@@ -298,6 +312,12 @@ def test_paper_run_stop_by_starts_no_job_that_would_end_after_it(tmp_path, capsy
     assert paper.main(["plan", "--arms", "c2c,c2c-channel", "--methods", "metaicl,maml_en_llm", *args[4:]]) == 0
     plan = capsys.readouterr().out
     assert "c2c-channel-maml_en_llm-s0  ~160 min (c2c plus the raw channel evaluation's extra time)" in plan
+    # once the channel arm's MetaICL has run: its time plus c2c's difference (the prompt changes only the
+    # evaluation, which a ratio would scale too: 240 min here)
+    seconds["c2c-channel-metaicl-s0"] = 7200
+    (out / "progress.json").write_text(json.dumps({k: {"seconds": v} for k, v in seconds.items()}))
+    assert paper.main(["plan", "--arms", "c2c,c2c-channel", "--methods", "metaicl,maml_en_llm", *args[4:]]) == 0
+    assert "c2c-channel-maml_en_llm-s0  ~150 min (this arm's metaicl plus c2c's difference)" in capsys.readouterr().out
 
     assert abs(paper._deadline("1h2m3s") - time.time() - 3723) < 5 and abs(paper._deadline("90m") - time.time() - 5400) < 5
     for bad in ("25:00", "2 hours", ""):
