@@ -465,11 +465,10 @@ class Campaign:
         c2c-lora train less; the ratio predicts their longest MAML-en-LLM runs 17 % low at worst), except in a
         channel arm, whose prompt changes only the evaluation, the same for both methods: there this arm's
         other method plus c2c's difference between the two (a ratio would scale a 135-min evaluation by 1.5);
-        else, for a
-        channel arm, c2c's plus how much longer the raw model's channel evaluation took than its direct one
-        (none before that has run: a channel evaluation takes hours more than a direct one); else c2c's
-        unscaled, a rough guess. Before 2026-12-02 a job resumed from a checkpoint recorded only
-        its last part (now `_clock` adds earlier attempts' time), hence the longest."""
+        else, for a channel arm, c2c's plus how much longer the raw model's channel evaluation took than its
+        direct one (none before that has run: a channel evaluation takes hours more than a direct one); else
+        c2c's unscaled, a rough guess. Before 2026-12-02 a job resumed from a checkpoint recorded only its
+        last part (now `_clock` adds earlier attempts' time), hence the longest."""
         if job.kind != "model" or job.arm is None:
             return None
         progress = self._read_progress()
