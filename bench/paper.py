@@ -317,6 +317,9 @@ class Campaign:
         progress = self._read_progress()  # done (an exception skips this): recorded before partial/ goes
         finished = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         progress[job.name] = {"seconds": round(spent(), 1), "finished": finished, "cpus": cpus}
+        units = self.partial(job) / "unit.json"  # its units' times: the next jobs of its arm judge theirs by them
+        if units.is_file() and json.loads(units.read_text()).get("by_kind"):
+            progress[job.name]["unit_seconds"] = json.loads(units.read_text())["by_kind"]
         _write_json(self.out / "progress.json", progress)
         shutil.rmtree(self.partial(job))
 
@@ -428,14 +431,18 @@ class Campaign:
         deadline, judged by the longest unit of its kind (variant, modes, target) seen so far in any attempt,
         else by the longest unit of any kind (both kept in `record`): a channel evaluation's first target took
         ~21 min a unit, its later ones 3-5. Units found in the loss cache take well under a second and are not
-        recorded (a kind known only from cache hits is judged by the longest of any), so the first unscored unit
-        of the first attempt always runs."""
+        recorded (a kind known only from cache hits is judged by the longest of any). A kind this job has not
+        timed yet is judged by the longest unit of that kind in the finished jobs of its arm (progress.json keeps
+        their unit times; the two methods' evaluations cost the same), else by the longest of any kind in this
+        job or those; with none of either, the first unscored unit of the first attempt always runs."""
         if self.stop_by is None:
             return None
         deadline = self.stop_by
         kept = json.loads(record.read_text()) if record.is_file() else {}
         longest = float(kept.get("longest_seconds", 0.0))
         by_kind: dict[str, float] = {k: float(v) for k, v in kept.get("by_kind", {}).items()}
+        prior = self._unit_times(job)
+        longest_before = max(prior.values(), default=0.0)
         began, began_kind = 0.0, ""  # when the unit before this one began, and its kind ("" before the first)
 
         def check(unit: Any) -> None:
@@ -448,15 +455,25 @@ class Campaign:
                 rounded = {k: round(v, 1) for k, v in by_kind.items()}
                 _write_json(record, {"longest_seconds": round(longest, 1), "by_kind": rounded})
             began, began_kind = now, kind
-            expect = by_kind.get(kind, longest)
+            expect = by_kind.get(kind, prior.get(kind, max(longest, longest_before)))
             if now + expect > deadline:
                 raise StopBy(
                     f"stopping {job.name} before {kind} seed {unit.seed}: units "
-                    f"{'like it ' if kind in by_kind else ''}take up to {expect / 60:.0f} min, "
+                    f"{'like it ' if kind in by_kind or kind in prior else ''}take up to {expect / 60:.0f} min, "
                     f"{max(0.0, deadline - now) / 60:.0f} min are left before --stop-by (finished units are kept)"
                 )
 
         return check
+
+    def _unit_times(self, job: Job) -> dict[str, float]:
+        """The longest evaluation unit of each kind in the finished jobs of a job's arm (from progress.json)."""
+        arm = job.arm.name if job.arm is not None else None
+        mine = {j.name for j in self.jobs() if j.arm is not None and j.arm.name == arm and j.name != job.name}
+        times: dict[str, float] = {}
+        for name, entry in self._read_progress().items():
+            for kind, seconds in (entry.get("unit_seconds", {}) if name in mine else {}).items():
+                times[kind] = max(times.get(kind, 0.0), float(seconds))
+        return times
 
     def estimate(self, job: Job) -> tuple[float, str] | None:
         """About how long a pending job takes, from progress.json: the longest finished run of the same arm
@@ -553,8 +570,8 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         metavar="HH:MM|DURATION",
         help="start no job whose estimate (see plan) ends after this clock time today or this long from now (2h30m),"
-        " and no evaluation unit that would (a unit takes as long as the longest of its target and mode seen so far,"
-        " else the longest of any)",
+        " and no evaluation unit that would (a unit takes as long as the longest of its target and mode seen so far"
+        " in this job, else in the finished jobs of its arm, else the longest of any)",
     )
     ap.add_argument(
         "--start-long",

@@ -243,6 +243,51 @@ def test_paper_stop_by_judges_a_unit_by_the_longest_of_its_kind(tmp_path, monkey
         check(unit("d", 42))
 
 
+def test_paper_stop_by_judges_a_new_job_by_the_finished_jobs_of_its_arm(tmp_path, monkeypatch):
+    """A finished job's unit times stay in progress.json, and a later job of the same arm judges a kind it has
+    not timed yet by them: judged by the longest of any kind (a channel evaluation's first target, ~16 min),
+    a job's first attempt stopped up to ~15 min early at every session's end. Other arms' times do not count."""
+    import argparse
+    from types import SimpleNamespace
+
+    import pytest
+
+    from bench import paper
+
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    fields = dict(size="cpu", model="builtin", data=None, setting="bb_class_to_class", setting2="bb_hr_to_lr", lr=None)
+    ns = argparse.Namespace(**fields, arms="c2c,c2c-channel", methods="metaicl,maml_en_llm", runs=str(runs), out=str(out))
+    campaign = paper.Campaign(ns)
+    jobs = {j.name: j for j in campaign.jobs()}
+    first, second = jobs["c2c-channel-metaicl-s0"], jobs["c2c-channel-maml_en_llm-s0"]
+    record = campaign.partial(first) / "unit.json"
+    record.parent.mkdir(parents=True)
+    times = {"channel/icl a": 960.0, "channel/icl b": 120.0}
+    record.write_text(json.dumps({"longest_seconds": 960.0, "by_kind": times}))
+    with campaign._clock(first):
+        pass  # done: its unit times go to progress.json with its time
+    assert json.loads((out / "progress.json").read_text())[first.name]["unit_seconds"] == times
+    progress = json.loads((out / "progress.json").read_text())
+    progress["c2c-metaicl-s0"] = {"seconds": 60.0, "unit_seconds": {"channel/icl b": 1200.0}}  # another arm
+    (out / "progress.json").write_text(json.dumps(progress))
+
+    clock = [0.0]
+    monkeypatch.setattr(paper.time, "time", lambda: clock[0])
+    campaign.stop_by = 600.0  # 10 min left
+    check = campaign._stop_between_units(second, campaign.partial(second) / "unit.json")
+
+    def unit(task, seed):
+        return SimpleNamespace(variant="channel", modes=("icl",), task=task, seed=seed)
+
+    check(unit("b", 100))  # 2 min in the first job (20 in another arm's): runs
+    with pytest.raises(paper.StopBy, match="before channel/icl a seed 100: units like it take up to 16 min"):
+        check(unit("a", 100))
+    clock[0] = 0.0
+    check = campaign._stop_between_units(second, campaign.partial(second) / "unit.json")
+    with pytest.raises(paper.StopBy, match="before channel/icl c seed 100: units take up to 16 min"):
+        check(unit("c", 100))  # timed nowhere: the longest of any kind in this arm's jobs
+
+
 def test_paper_run_stop_by_starts_no_job_that_would_end_after_it(tmp_path, capsys):
     """--stop-by: a job whose estimate (the longest finished run of another seed) ends after the deadline is
     not started, so a session that ends does not kill it half-way; plan shows the estimates; a bad value is
