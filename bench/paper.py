@@ -318,8 +318,9 @@ class Campaign:
         finished = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         progress[job.name] = {"seconds": round(spent(), 1), "finished": finished, "cpus": cpus}
         units = self.partial(job) / "unit.json"  # its units' times: the next jobs of its arm judge theirs by them
-        if units.is_file() and json.loads(units.read_text()).get("by_kind"):
-            progress[job.name]["unit_seconds"] = json.loads(units.read_text())["by_kind"]
+        by_kind = json.loads(units.read_text()).get("by_kind") if units.is_file() else None
+        if by_kind:
+            progress[job.name]["unit_seconds"] = by_kind
         _write_json(self.out / "progress.json", progress)
         shutil.rmtree(self.partial(job))
 
