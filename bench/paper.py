@@ -424,10 +424,10 @@ class Campaign:
         partial = self.partial(job)
         evaluate_to_file(
             path, path.stem, model_spec, self.data, self.settings[arm.setting], cfg,
-            cache_dir=partial / "losses", before_unit=self._stop_between_units(job, partial / "unit.json"),
+            cache_dir=partial / "losses", before_unit=self._stop_between_units(job, partial / "unit.json", path.stem),
         )  # fmt: skip
 
-    def _stop_between_units(self, job: Job, record: Path) -> Callable[[Any], None] | None:
+    def _stop_between_units(self, job: Job, record: Path, evaluation: str = "") -> Callable[[Any], None] | None:
         """With --stop-by, a check before each evaluation unit: stop (StopBy) when the unit would end after the
         deadline, judged by the longest unit of its kind (variant, modes, target) seen so far in any attempt,
         else by the longest unit of any kind (both kept in `record`): a channel evaluation's first target took
@@ -435,27 +435,34 @@ class Campaign:
         recorded (a kind known only from cache hits is judged by the longest of any). A kind this job has not
         timed yet is judged by the longest unit of that kind in the finished jobs of its arm (progress.json keeps
         their unit times; the two methods' evaluations cost the same), else by the longest of any kind in this
-        job or those; with none of either, the first unscored unit of the first attempt always runs."""
+        job or those; with none of either, the first unscored unit of the first attempt always runs. A unit an
+        earlier attempt finished (`record` lists them per `evaluation`) is in the loss cache and is not judged:
+        judged at its kind's time, a restart with less than that left stopped before replaying its cached units."""
         if self.stop_by is None:
             return None
         deadline = self.stop_by
         kept = json.loads(record.read_text()) if record.is_file() else {}
         longest = float(kept.get("longest_seconds", 0.0))
         by_kind: dict[str, float] = {k: float(v) for k, v in kept.get("by_kind", {}).items()}
+        scored: set[str] = set(kept.get("scored", []))  # "<evaluation>: <kind> seed <seed>" of finished units
         prior = self._unit_times(job)
         longest_before = max(prior.values(), default=0.0)
-        began, began_kind = 0.0, ""  # when the unit before this one began, and its kind ("" before the first)
+        began, began_kind, began_unit = 0.0, "", ""  # the unit before this one: when it began, its kind and name
 
         def check(unit: Any) -> None:
-            nonlocal longest, began, began_kind
+            nonlocal longest, began, began_kind, began_unit
             now, kind = time.time(), f"{unit.variant}/{'+'.join(unit.modes)} {unit.task}"
             took = now - began
-            # a unit found in the loss cache takes well under a second: not a measure of its kind
-            if began_kind and took >= 1.0 and took > by_kind.get(began_kind, 0.0):
-                longest, by_kind[began_kind] = max(longest, took), took
+            if began_kind:  # the unit before this one has finished
+                # a unit found in the loss cache takes well under a second: not a measure of its kind
+                if took >= 1.0 and took > by_kind.get(began_kind, 0.0):
+                    longest, by_kind[began_kind] = max(longest, took), took
+                scored.add(began_unit)
                 rounded = {k: round(v, 1) for k, v in by_kind.items()}
-                _write_json(record, {"longest_seconds": round(longest, 1), "by_kind": rounded})
-            began, began_kind = now, kind
+                _write_json(record, {"longest_seconds": round(longest, 1), "by_kind": rounded, "scored": sorted(scored)})
+            began, began_kind, began_unit = now, kind, f"{evaluation}: {kind} seed {unit.seed}"
+            if began_unit in scored:
+                return  # in the loss cache: replayed in well under a second
             expect = by_kind.get(kind, prior.get(kind, max(longest, longest_before)))
             if now + expect > deadline:
                 raise StopBy(

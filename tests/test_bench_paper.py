@@ -212,7 +212,8 @@ def test_paper_stop_by_judges_a_unit_by_the_longest_of_its_kind(tmp_path, monkey
     clock[0] = 1200.0  # task a's unit took 20 min
     with pytest.raises(paper.StopBy, match="before channel/icl b seed 100: units take up to 22 min"):
         check(unit("b", 100))  # b not seen yet, judged by the longest of any kind; 10 min are left
-    assert json.loads(record.read_text()) == {"longest_seconds": 1320.0, "by_kind": {"channel/icl a": 1200.0}}
+    kept = {"longest_seconds": 1320.0, "by_kind": {"channel/icl a": 1200.0}, "scored": [": channel/icl a seed 100"]}
+    assert json.loads(record.read_text()) == kept
     clock[0] = 0.0
     check = campaign._stop_between_units(job, record)  # the next attempt
     check(unit("b", 100))
@@ -241,6 +242,50 @@ def test_paper_stop_by_judges_a_unit_by_the_longest_of_its_kind(tmp_path, monkey
     check = campaign._stop_between_units(job, record)
     with pytest.raises(paper.StopBy, match="before channel/icl d seed 42: units take up to 22 min"):
         check(unit("d", 42))
+
+
+def test_paper_stop_by_does_not_judge_units_an_earlier_attempt_scored(tmp_path, monkeypatch):
+    """Units an earlier attempt finished are in the loss cache and replay in well under a second, so --stop-by
+    lets them run whatever is left: judged at their kind's time (15 min), a restart with 10 min left stopped
+    before replaying them. Each evaluation of a job keeps its own list (ICL, and ICL after adaptation)."""
+    import argparse
+    from types import SimpleNamespace
+
+    import pytest
+
+    from bench import paper
+
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    fields = dict(size="cpu", model="builtin", data=None, setting="bb_class_to_class", setting2="bb_hr_to_lr", lr=None)
+    campaign = paper.Campaign(argparse.Namespace(**fields, arms="c2c", methods="metaicl", runs=str(runs), out=str(out)))
+    job = next(j for j in campaign.jobs() if j.name == "c2c-metaicl-s0")
+    record = tmp_path / "unit.json"
+    clock = [0.0]
+    monkeypatch.setattr(paper.time, "time", lambda: clock[0])
+
+    def unit(seed):
+        return SimpleNamespace(variant="channel", modes=("icl",), task="a", seed=seed)
+
+    campaign.stop_by = 3600.0
+    check = campaign._stop_between_units(job, record, "icl")
+    check(unit(100))
+    clock[0] = 900.0  # 15 min a unit
+    check(unit(13))
+    clock[0] = 1800.0
+    check(unit(21))  # the session ends while seed 21 is scored: it is not kept as finished
+    assert json.loads(record.read_text())["scored"] == ["icl: channel/icl a seed 100", "icl: channel/icl a seed 13"]
+    clock[0], campaign.stop_by = 0.0, 600.0  # a restart with 10 min left
+    check = campaign._stop_between_units(job, record, "icl")
+    check(unit(100))
+    clock[0] = 0.2
+    check(unit(13))
+    clock[0] = 0.4
+    with pytest.raises(paper.StopBy, match="before channel/icl a seed 21: units like it take up to 15 min"):
+        check(unit(21))
+    clock[0] = 0.0
+    check = campaign._stop_between_units(job, record, "icl+adapt")  # the same units after adaptation: not scored yet
+    with pytest.raises(paper.StopBy, match="before channel/icl a seed 100: units like it take up to 15 min"):
+        check(unit(100))
 
 
 def test_paper_stop_by_judges_a_new_job_by_the_finished_jobs_of_its_arm(tmp_path, monkeypatch):
@@ -407,7 +452,7 @@ def test_paper_evaluation_stops_between_units_and_keeps_them(tmp_path, gpt2_toke
         if len(seen) == 5:
             raise paper.StopBy("the session ended")
 
-    campaign._stop_between_units = lambda job, record: cut_after_four
+    campaign._stop_between_units = lambda job, record, evaluation: cut_after_four
     try:
         campaign.run(job)
     except paper.StopBy:
