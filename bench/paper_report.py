@@ -1,7 +1,8 @@
 """The report of `python -m bench.paper`: from the evaluations that exist, the paper's claims as paired
 differences over training seeds with 95 % CIs and the protocol's verdict on each (holds, refuted, or
 unresolved with the training seeds that would resolve it), the second-order question, every finished evaluation
-(the raw model's first) and the published anchors. Writes OUT/report.json, OUT/report.md and
+(the raw model's first), what each finished job cost (minutes over all its attempts, from progress.json) and
+the published anchors. Writes OUT/report.json, OUT/report.md and
 OUT/report.png; a claim whose runs are not all done is listed as pending, with what is missing."""
 
 from __future__ import annotations
@@ -167,9 +168,31 @@ def report(campaign: Any, jobs: list[Any]) -> str:
                 )
     _curves(out)
     done = sum(j.done() for j in jobs)
-    result = {"jobs_done": done, "jobs": len(jobs), "claims": claims, "evaluations": evaluations, "anchors": ANCHORS}
+    result = {
+        "jobs_done": done,
+        "jobs": len(jobs),
+        "claims": claims,
+        "evaluations": evaluations,
+        "cost": _cost(campaign, jobs),
+        "anchors": ANCHORS,
+    }
     _write(out, result)
     return _markdown(result)
+
+
+def _cost(campaign: Any, jobs: list[Any]) -> list[dict[str, Any]]:
+    """Each finished job's wall time over all its attempts (killed ones included), in the campaign's order."""
+    progress = campaign._read_progress()
+    return [
+        {
+            "job": j.name,
+            "minutes": progress[j.name]["seconds"] / 60,
+            "finished": progress[j.name].get("finished", ""),
+            "cpus": progress[j.name].get("cpus", []),
+        }
+        for j in jobs
+        if j.name in progress
+    ]
 
 
 def _curves(out: Path) -> None:
@@ -220,6 +243,14 @@ def _markdown(result: dict[str, Any]) -> str:
             if pct == "100.0" and g["same"] < g["total"]:  # 12715 of 12720 is not 100 %: say how many differ
                 pct = f"{100 * g['fraction']:.2f}"
             lines.append(f"| {c['claim']} | {pct} % ({g['total'] - g['same']} differ) | {g['total']} | {seeds} |")
+    if result.get("cost"):
+        total = sum(c["minutes"] for c in result["cost"]) / 60
+        n = len(result["cost"])
+        lines += ["", f"What each job cost: {total:.1f} h of wall time over {n} finished jobs (CPU: where recorded).", ""]
+        lines += ["| job | minutes (all attempts) | finished (UTC) | CPU |", "|---|---:|---|---|"]
+        for c in result["cost"]:
+            cpus = "; ".join(c["cpus"]) or "–"
+            lines.append(f"| {c['job']} | {c['minutes']:.0f} | {c['finished'][:16].replace('T', ' ')} | {cpus} |")
     lines += ["", *[f"- {a}" for a in result["anchors"]]]
     return "\n".join(lines) + "\n"
 

@@ -85,6 +85,12 @@ def test_paper_campaign_smoke(tmp_path, gpt2_tokenizer, capsys):
     assert "MAML-en-LLM − MetaICL, LoRA" in pending and "MAML-en-LLM − MetaICL, limited data" not in pending
     assert (out / "curves" / "c2c.png").is_file() and (out / "curves" / "c2c-clock.png").is_file()  # every run's curve
     assert (out / "report.png").stat().st_size > 0 and "pending" in (out / "report.md").read_text()
+    # what each job cost: every finished job once, in the campaign's order, its minutes from progress.json
+    progress = json.loads((out / "progress.json").read_text())
+    order = [line.split()[1] for line in plan.splitlines() if line.startswith(("pending", "done"))]
+    assert len(order) == 13 and [c["job"] for c in report["cost"]] == [n for n in order if n in progress]
+    assert all(abs(c["minutes"] - progress[c["job"]]["seconds"] / 60) < 1e-9 for c in report["cost"])
+    assert "| raw-toy-direct |" in (out / "report.md").read_text()
 
 
 def test_paper_plan_runs_each_sweep_just_before_the_first_arm_that_needs_it(tmp_path, capsys):
