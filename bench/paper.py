@@ -314,7 +314,7 @@ class Campaign:
             stop.set()
             thread.join()
             _write_json(path, {"seconds": round(spent(), 1), "cpus": cpus})
-        progress = self._read_progress()  # done (an exception skips this): recorded before partial/ goes
+        progress = self.read_progress()  # done (an exception skips this): recorded before partial/ goes
         finished = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         progress[job.name] = {"seconds": round(spent(), 1), "finished": finished, "cpus": cpus}
         units = self.partial(job) / "unit.json"  # its units' times: the next jobs of its arm judge theirs by them
@@ -478,7 +478,7 @@ class Campaign:
         arm = job.arm.name if job.arm is not None else None
         mine = {j.name for j in self.jobs() if j.arm is not None and j.arm.name == arm and j.name != job.name}
         times: dict[str, float] = {}
-        for name, entry in self._read_progress().items():
+        for name, entry in self.read_progress().items():
             for kind, seconds in (entry.get("unit_seconds", {}) if name in mine else {}).items():
                 times[kind] = max(times.get(kind, 0.0), float(seconds))
         return times
@@ -496,7 +496,7 @@ class Campaign:
         last part (now `_clock` adds earlier attempts' time), hence the longest."""
         if job.kind != "model" or job.arm is None:
             return None
-        progress = self._read_progress()
+        progress = self.read_progress()
 
         def longest(arm: str, method: str) -> float | None:
             prefix = f"{arm}-{method}-s"
@@ -525,7 +525,7 @@ class Campaign:
             return base + max(0.0, raw_variant - raw_direct), f"c2c plus the raw {variant} evaluation's extra time"
         return base, "c2c, a rough guess"
 
-    def _read_progress(self) -> dict[str, Any]:
+    def read_progress(self) -> dict[str, Any]:
         path = self.out / "progress.json"
         return json.loads(path.read_text()) if path.is_file() else {}
 

@@ -182,8 +182,7 @@ def report(campaign: Any, jobs: list[Any]) -> str:
 
 def _cost(campaign: Any, jobs: list[Any]) -> list[dict[str, Any]]:
     """Each finished job's wall time over all its attempts, as progress.json recorded it, in the campaign's order."""
-    path = campaign.out / "progress.json"
-    progress = json.loads(path.read_text()) if path.is_file() else {}
+    progress = campaign.read_progress()
     return [
         {
             "job": j.name,
