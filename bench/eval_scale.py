@@ -1,6 +1,6 @@
 """Evaluation wall time in-process and with Ray workers (P9: a full evaluation of a setting on 2 cores).
 
-Default (P9): bb_class_to_class, all 10 targets, up to 100 test examples each, 5 seeds, k=4, direct
+Default (P9): mix_to_mix, all 10 targets, up to 100 test examples each, 5 seeds, k=4, direct
 and channel prompts, ICL, SmolLM2-135M, no loss cache; timed in this process (`workers 0`) and with
 Ray workers on an embedded local cluster (`workers N`, each with CPUs/N threads). Checks that every
 way gives the same scores. Resumable: each finished measurement is kept in the JSON and skipped on a
@@ -52,7 +52,7 @@ def _measure(workers: int, args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--setting", default="bb_class_to_class")
+    ap.add_argument("--setting", default="mix_to_mix")
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--max-test-examples", type=int, default=100)
     ap.add_argument("--seeds", type=int, nargs="+", default=[100, 13, 21, 42, 87])

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import evaluate_to_file
+from raymeta.paths import paths
 
 SEEDS = (0, 1, 2)
 LR_GRID = (1e-5, 3e-5, 1e-4, 3e-4)
@@ -170,7 +171,8 @@ class Campaign:
         self.size = SIZES[args.size]
         self.runs = Path(args.runs).resolve()
         self.out = Path(args.out).resolve()
-        self.model, self.data = args.model, args.data
+        # the campaign's settings are BIG-bench's: by default the folder `raymeta fetch --bigbench PATH` builds
+        self.model, self.data = args.model, args.data or str(paths().bigbench_data)
         self.settings = {"bb_class_to_class": args.setting, "bb_hr_to_lr": args.setting2}
         self.arms = [a for a in ARMS if args.arms is None or a.name in args.arms.split(",")]
         self.methods = tuple(args.methods.split(",")) if args.methods else METHODS
@@ -560,7 +562,11 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("command", choices=("plan", "run", "report"))
     ap.add_argument("--size", choices=sorted(SIZES), default="cpu")
     ap.add_argument("--model", default="builtin")
-    ap.add_argument("--data", default=None, help="data folder (default: the built-in BIG-bench settings)")
+    ap.add_argument(
+        "--data",
+        default=None,
+        help="data folder (default: the bb_* settings that `raymeta fetch --bigbench PATH` builds)",
+    )
     ap.add_argument("--setting", default="bb_class_to_class", help="the primary setting")
     ap.add_argument("--setting2", default="bb_hr_to_lr", help="the second setting")
     ap.add_argument("--arms", default=None, help="only these arms (comma-separated: " + ",".join(a.name for a in ARMS) + ")")

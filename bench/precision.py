@@ -1,7 +1,7 @@
 """How far bf16 moves the meta-gradient: fp32 vs bf16 policies (and fp64 vs fp32 on a tiny model).
 
 For maml_en_llm, fomaml and metaicl, one task's meta-gradient G (AdamW inner loop, lr 1e-4, K=1, shared
-moments) on a real meta-batch of the built-in data (SmolLM2-135M, bb_class_to_class, k=4, 256-token
+moments) on a real meta-batch of the built-in data (SmolLM2-135M, mix_to_mix, k=4, 256-token
 prompts), under each precision policy, against the fp32 one computed in the same process:
 
 - fp32 with one BLAS thread instead of the default: the noise floor (only the summation order changes);

@@ -1,7 +1,7 @@
 """The paper's comparison on real tasks: raw zero-shot and ICL, MetaICL, MAML-en-LLM, FOMAML, Reptile.
 
 At an equal meta-training budget (the same meta-steps, tasks per step, instances per task, k and
-token limits for every method), on a built-in BIG-bench setting with SmolLM2-135M, with MetaICL's
+token limits for every method), on a built-in setting with SmolLM2-135M, with MetaICL's
 evaluation protocol (seeds, mean and worst case, all targets and unseen-domain targets), direct and
 channel prompts, plus:
 - adaptation evaluation (`adapt_steps` steps on each target task's k examples) for MetaICL and
@@ -270,8 +270,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=sorted(SIZES), default="cpu")
     ap.add_argument("--model", default="builtin")
-    ap.add_argument("--data", default=None, help="data folder (default: the built-in BIG-bench settings)")
-    ap.add_argument("--setting", default="bb_class_to_class")
+    ap.add_argument("--data", default=None, help="data folder (default: the built-in settings)")
+    ap.add_argument("--setting", default="mix_to_mix")
     ap.add_argument("--variant", default="direct", help="prompt variant for meta-training (evaluation uses both)")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--out", type=Path, default=None)

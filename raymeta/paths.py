@@ -12,8 +12,6 @@ from pathlib import Path
 
 __all__ = ["Paths", "home", "paths"]
 
-BIGBENCH_TARBALL = "bigbench-1.0.0.tar.gz"
-
 
 def home() -> Path:
     """raymeta's cache folder: $RAYMETA_HOME, else $XDG_CACHE_HOME/raymeta, else ~/.cache/raymeta."""
@@ -41,11 +39,13 @@ class Paths:
         return self.root / "tokenizers" / "gpt2"
 
     @property
-    def bigbench_tarball(self) -> Path:
-        return self.downloads / BIGBENCH_TARBALL
+    def builtin_data(self) -> Path:
+        """The built-in settings (mix_to_mix, class_to_class, qa_to_qa)."""
+        return self.root / "data" / "builtin"
 
     @property
-    def builtin_data(self) -> Path:
+    def bigbench_data(self) -> Path:
+        """The bb_* settings, built by `raymeta fetch --bigbench PATH` from a tarball the user holds."""
         return self.root / "data" / "bigbench"
 
     @property

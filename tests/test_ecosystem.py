@@ -1,7 +1,7 @@
 """The ecosystem around a run: tracking (TensorBoard, MLflow), `config show`, `plot`, `data import` and hub ids.
 
 No network: MLflow writes a SQLite store in the run folder, hub ids resolve from a hub-cache layout
-built here with $HF_HUB_OFFLINE set, the importer reads real BIG-bench tasks from the built-in data.
+built here with $HF_HUB_OFFLINE set, the importer reads a real task of the built-in data.
 """
 
 from __future__ import annotations
@@ -153,30 +153,30 @@ def test_plot_draws_several_runs_and_refuses_a_folder_without_metrics(tmp_path, 
 
 
 @pytest.fixture(scope="module")
-def fever(assets):
-    """A real BIG-bench classification task of the built-in data, as rows."""
-    task = "fact_checker-fever"
+def rows(assets):
+    """A real true/false classification task of the built-in data, as rows."""
+    task = "pararule_plus"
     path = assets.builtin_data / "data" / task / f"{task}_16384_100_train.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()][:400]
 
 
 @pytest.mark.assets
-def test_import_parquet_csv_and_a_datasets_folder_give_the_same_task(fever, tmp_path, capsys):
+def test_import_parquet_csv_and_a_datasets_folder_give_the_same_task(rows, tmp_path, capsys):
     import datasets
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     pq.write_table(
-        pa.Table.from_pylist([{"claim": r["input"], "verdict": r["output"], "choices": r["options"]} for r in fever]),
+        pa.Table.from_pylist([{"claim": r["input"], "verdict": r["output"], "choices": r["options"]} for r in rows]),
         tmp_path / "f.parquet",
     )
     with (tmp_path / "f.csv").open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["claim", "verdict", "choices"])
-        w.writerows([r["input"], r["output"], "|".join(r["options"])] for r in fever)
+        w.writerows([r["input"], r["output"], "|".join(r["options"])] for r in rows)
     names = ["false", "true"]
     features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=names)})
-    ds = datasets.Dataset.from_list([{"text": r["input"], "label": names.index(r["output"])} for r in fever], features=features)
+    ds = datasets.Dataset.from_list([{"text": r["input"], "label": names.index(r["output"])} for r in rows], features=features)
     datasets.DatasetDict({"train": ds.select(range(300)), "validation": ds.select(range(300, 400))}).save_to_disk(
         str(tmp_path / "ds")
     )
@@ -230,7 +230,7 @@ def test_import_parquet_csv_and_a_datasets_folder_give_the_same_task(fever, tmp_
     from raymeta.data import DataDir
 
     data = DataDir(out)
-    original = {(r["input"], r["output"]) for r in fever}
+    original = {(r["input"], r["output"]) for r in rows}
     for task in ("pq", "csv", "hf"):
         meta = data.task_meta(task)
         assert meta["task_type"] == "classification" and sorted(meta["options"]) == names

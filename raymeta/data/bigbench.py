@@ -6,37 +6,37 @@ same option set the task is `classification` (options = the label set), otherwis
 (options per example). Examples with only `target` are `free-form` (training pools only). The task
 name in the layout is the BIG-bench path with "/" replaced by "-" (MetaICL's naming style).
 
-Splits are deterministic: each task's examples are shuffled with a seed derived from its name; the
-first `min(max_test, n // 2)` are the test set, the rest the train portion. The train portion
-(capped at 16384) is the meta-training pool `{task}_16384_100_train.jsonl`; for each seed the k
-demonstrations are `random.Random(seed).sample(train portion, k)`, and the test file is the test set.
+Splits are deterministic (`raymeta.data.writer`: a shuffle seeded by the task's name, half and at
+most `max_test` for test, k demonstrations per seed from the rest).
 Inputs are the raw `input` (no task prefix), as MetaICL uses raw inputs.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import random
 import tarfile
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from raymeta.data.layout import DEFAULT_SEEDS, POOL_K, POOL_SEED, Example
+from raymeta.data.layout import DEFAULT_SEEDS, Example
+from raymeta.data.writer import ConvertedTask, write_task
 from raymeta.errors import UserError
-from raymeta.io import atomic_write_json, atomic_write_text
+from raymeta.io import atomic_write_json
 
-__all__ = ["BUILTIN_SETTINGS", "ConvertedTask", "layout_name", "read_tasks", "convert_task", "write_task", "build"]
+__all__ = ["SETTINGS", "TARBALL", "SHA256", "layout_name", "read_tasks", "convert_task", "build"]
 
 _PREFIX = "bigbench-1.0.0/bigbench/benchmark_tasks/"
+# The package index no longer serves this file (since early December 2026); it is accepted by
+# `raymeta fetch --bigbench PATH` from users who hold a copy, checked against the hash it had there.
+TARBALL = "bigbench-1.0.0.tar.gz"
+SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
 
-# Built-in settings, in the spirit of MetaICL's class_to_class and hr_to_lr: disjoint meta-train
+# The settings of docs/results.md's campaign, in the spirit of MetaICL's class_to_class and hr_to_lr: disjoint meta-train
 # and target tasks; `unseen_domain_test` are targets whose domain no meta-train task covers.
-BUILTIN_SETTINGS: dict[str, dict[str, list[str]]] = {
+SETTINGS: dict[str, dict[str, list[str]]] = {
     "bb_class_to_class": {
         "train": [
             "multiemo/hotels_sentence_en",
@@ -141,16 +141,6 @@ def layout_name(bigbench_path: str) -> str:
     return bigbench_path.strip("/").replace("/", "-")
 
 
-@dataclass
-class ConvertedTask:
-    name: str
-    source: str
-    task_type: str
-    options: list[str]
-    examples: list[Example]
-    dropped: int  # examples with no single best option (ties in target_scores)
-
-
 def read_tasks(tarball: Path, paths: Iterable[str]) -> dict[str, dict[str, Any]]:
     """Stream the tarball once and return the parsed task.json of each requested task path."""
     wanted = {p.strip("/"): None for p in paths}
@@ -211,50 +201,6 @@ def convert_task(path: str, task_json: dict[str, Any]) -> ConvertedTask:
     if not examples:
         raise UserError(f"BIG-bench task {path!r} has no usable examples", key="tasks")
     return ConvertedTask(name, f"bigbench:{path}", task_type, options, examples, dropped)
-
-
-def _jsonl(examples: Sequence[Example]) -> str:
-    return "".join(json.dumps(e.to_json(), ensure_ascii=False) + "\n" for e in examples)
-
-
-def write_task(
-    task: ConvertedTask, out: Path, *, ks: Sequence[int] = (16,), seeds: Sequence[int] = DEFAULT_SEEDS, max_test: int = 1000
-) -> dict[str, int]:
-    """Write one converted task's split files and metadata; returns split sizes."""
-    order = list(range(len(task.examples)))
-    name_seed = int.from_bytes(hashlib.sha256(task.name.encode()).digest()[:8], "little")
-    random.Random(name_seed).shuffle(order)
-    shuffled = [task.examples[i] for i in order]
-    folder = out / "data" / task.name
-    sizes: dict[str, int] = {}
-    if task.task_type == "free-form":
-        test: list[Example] = []
-        train = shuffled
-    else:
-        n_test = min(max_test, len(shuffled) // 2)
-        test, train = shuffled[:n_test], shuffled[n_test:]
-    pool = train[:POOL_K]
-    atomic_write_text(folder / f"{task.name}_{POOL_K}_{POOL_SEED}_train.jsonl", _jsonl(pool))
-    sizes["pool"] = len(pool)
-    if test:
-        for k in ks:
-            if len(train) < k:
-                continue  # too small to be a k-shot target; it can still be a meta-train task
-            for seed in seeds:
-                demos = random.Random(seed).sample(train, k)
-                atomic_write_text(folder / f"{task.name}_{k}_{seed}_train.jsonl", _jsonl(demos))
-                atomic_write_text(folder / f"{task.name}_{k}_{seed}_test.jsonl", _jsonl(test))
-        sizes["test"] = len(test)
-    meta = {
-        "task_type": task.task_type,
-        "options": task.options,
-        "source": task.source,
-        "n_examples": len(task.examples),
-        "n_dropped": task.dropped,
-        "split": {"test": len(test), "train": len(train)},
-    }
-    atomic_write_json(out / "config" / "tasks" / f"{task.name}.json", meta)
-    return sizes
 
 
 def build(

@@ -8,7 +8,7 @@ an integer indexes the row's options or the column's `ClassLabel` names), `optio
 string split on `--options-sep`; absent for free-form tasks). The task type is detected -- the same
 options on every row: classification; options that vary: multi-choice; no options: classification
 when the outputs take at most `max_classes` values (those become the options), else free-form -- or
-given. A target task (`--role test`) is split as `raymeta data bigbench` splits BIG-bench tasks (a
+given. A target task (`--role test`) is split as every builder splits (`raymeta.data.writer`) (a
 shuffle seeded by the task's name: half, at most `max_test`, for test; the rest as the pool the k-shot
 demonstrations are drawn from, one draw per seed); a meta-training task puts every row in its pool
 (at most 16384). Then the setting is checked as `raymeta data check` checks a folder. Every row is
@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from raymeta.data.bigbench import ConvertedTask, write_task
 from raymeta.data.layout import DEFAULT_SEEDS, POOL_K, TASK_TYPES, DataDir, Example, _check_name
+from raymeta.data.writer import ConvertedTask, write_task
 from raymeta.errors import UserError, echo
 from raymeta.io import atomic_write_json
 

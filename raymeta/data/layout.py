@@ -134,12 +134,12 @@ def to_dataset(examples: Sequence[Example]) -> datasets.Dataset:
 
 
 def open_data(folder: str | Path | None, root: Path | None = None) -> DataDir:
-    """The data folder given by the user, or (None) the built-in BIG-bench settings built by `raymeta fetch`."""
+    """The data folder given by the user, or (None) the built-in settings built by `raymeta fetch`."""
     if folder is not None:
         return DataDir(folder)
     builtin = paths(root).builtin_data
     if not (builtin / "config").is_dir():
-        raise UserError(f"data: the built-in BIG-bench settings are not built yet ({builtin}); run `raymeta fetch` first")
+        raise UserError(f"data: the built-in settings are not built yet ({builtin}); run `raymeta fetch` first")
     return DataDir(builtin)
 
 

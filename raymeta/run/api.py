@@ -189,7 +189,7 @@ def evaluate(
     model: str | torch.nn.Module,
     tokenizer: Any = None,
     *,
-    setting: str = "bb_class_to_class",
+    setting: str = "mix_to_mix",
     data: str | Path | None = None,
     config: EvalConfig | None = None,
     cache: bool = True,
