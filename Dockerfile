@@ -7,7 +7,7 @@
 #                     --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128 .
 #   check:          raymeta cluster check Dockerfile k8s/*.yaml
 #
-# Assets (SmolLM2, the tokenizer, BIG-bench) are not baked in: RAYMETA_HOME points at shared storage in the k8s
+# Assets (SmolLM2, the tokenizer, the task data) are not baked in: RAYMETA_HOME points at shared storage in the k8s
 # manifests and `raymeta fetch` fills it once (idempotent). Push the image to your registry with a version tag
 # (or pin it by digest) and put that name in k8s/.
 ARG BASE=python:3.11.13-slim-bookworm

