@@ -39,7 +39,7 @@ lock: $(STAMP)  # torch itself is left out (installed first, above); TORCH_SOURC
 	  --python-platform x86_64-manylinux_2_28 --constraint $(VENV)/torch-constraint.txt $(TORCH_SOURCE) \
 	  --no-emit-package torch --no-annotate --custom-compile-command "make lock" -o requirements.lock
 
-EVAL = --setting mix_to_mix --k 4 --variants direct --modes icl --max-test-examples 10
+EVAL = --setting mix_to_mix --k 4 --variants direct --modes icl --max-test-examples 10 --truncation shared
 TRAIN = $(BIN)/raymeta train configs/main.yaml
 
 run: $(STAMP)
