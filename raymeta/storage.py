@@ -69,10 +69,11 @@ class RunStore:
         return self.location
 
     def uri(self, rel: str = "") -> str:
-        """The location of `rel` inside the run folder, as the user would write it."""
-        if not rel:
-            return self.location
-        return f"{self.location.rstrip('/')}/{rel}" if self.remote else str(self.local / rel)  # type: ignore[operator]
+        """The location of `rel` inside the run folder: a URI as the user wrote it, or an absolute local path
+        (Ray Train's `storage_path` refuses a relative one: "URI has empty scheme")."""
+        if self.remote:
+            return f"{self.location.rstrip('/')}/{rel}" if rel else self.location
+        return str(self.local / rel) if rel else str(self.local)  # type: ignore[operator]
 
     def _path(self, rel: str) -> str:
         return f"{self.root.rstrip('/')}/{rel}" if rel else self.root

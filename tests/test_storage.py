@@ -171,3 +171,19 @@ def test_a_sweep_on_s3_keeps_its_trials_and_experiment_there(s3_server, tmp_path
         assert [json.loads(x)["step"] for x in store.read_text("metrics.jsonl").splitlines()] == [1, 2]
         assert store.exists("checkpoints/step-000002/state.json") and store.exists("starts.log")
     assert not any(p.name.startswith("s3") for p in tmp_path.iterdir())
+
+
+def test_a_relative_local_run_folder_is_an_absolute_storage_path(tmp_path, monkeypatch):
+    """`out=runs/main/x` (as configs/main.yaml has it) reaches Ray Train as an absolute path: pyarrow's
+    `FileSystem.from_uri`, which Ray Train's storage calls, refuses a relative one ("URI has empty scheme")."""
+    import pyarrow.fs
+
+    from raymeta.storage import RunStore
+
+    monkeypatch.chdir(tmp_path)
+    store = RunStore("runs/main/x")
+    assert store.uri() == str(tmp_path / "runs" / "main" / "x") and store.uri("a.json") == str(tmp_path / "runs/main/x/a.json")
+    fs, path = pyarrow.fs.FileSystem.from_uri(store.uri())
+    assert isinstance(fs, pyarrow.fs.LocalFileSystem) and path == str(tmp_path / "runs" / "main" / "x")
+    with pytest.raises(pyarrow.ArrowInvalid, match="empty scheme"):
+        pyarrow.fs.FileSystem.from_uri("runs/main/x")  # what Ray Train was given before
