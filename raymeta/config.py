@@ -43,6 +43,7 @@ __all__ = [
     "TaskConfig",
     "TrainConfig",
     "ValidationConfig",
+    "with_absolute_paths",
     "AdapterConfig",
     "WeightsConfig",
     "apply_overrides",
@@ -256,6 +257,17 @@ def keys() -> dict[str, str]:
     """Every top-level config key and the section that holds it, in `to_dict`'s order."""
     sections = typing.get_type_hints(TrainConfig)
     return {f.name: section for section, tp in sections.items() for f in dataclasses.fields(tp)}
+
+
+def with_absolute_paths(flat: dict[str, Any]) -> dict[str, Any]:
+    """`model` and `data` that name a folder here, made absolute: the processes Ray starts (Train workers, tasks)
+    run in folders of their own, where a relative path names nothing (or something else)."""
+    out = dict(flat)
+    for key in ("model", "data"):
+        value = out.get(key)
+        if isinstance(value, str) and value != "builtin" and "://" not in value and Path(value).expanduser().exists():
+            out[key] = str(Path(value).expanduser().resolve())
+    return out
 
 
 def to_dict(cfg: TrainConfig) -> dict[str, Any]:

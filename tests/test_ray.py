@@ -6,6 +6,8 @@ stop only their own Ray processes.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -147,8 +149,15 @@ def test_two_lora_workers_follow_the_single_process_trajectory(ray_local, tiny_f
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6)
 
 
-def test_the_driver_prints_one_progress_line_per_meta_step(ray_local, tiny_folder, capfd):
-    train(_cfg(tiny_folder, "progress", "num_workers=1", "steps=3"), progress=True)
+def test_the_driver_prints_one_progress_line_per_meta_step(ray_local, tiny_folder, capfd, monkeypatch):
+    """...with the run given by relative paths, as configs/main.yaml gives `out`: the workers resolve them where
+    the user ran raymeta (Ray Train starts them in its own artifacts folder, where metrics.jsonl once went)."""
+    monkeypatch.chdir(tiny_folder)
+    train(
+        load_config(None, tiny_train_overrides(Path("model"), Path("data"), Path("progress"), "steps=3", "num_workers=1")),
+        progress=True,
+    )
+    assert len((tiny_folder / "progress" / "metrics.jsonl").read_text().splitlines()) == 3
     out = capfd.readouterr().out
     lines = [line for line in out.splitlines() if line.startswith("[raymeta] ")]
     assert [line.split("  ")[0] for line in lines] == [f"[raymeta] maml_en_llm step {s}/3" for s in (1, 2, 3)], out

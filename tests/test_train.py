@@ -156,3 +156,22 @@ def test_yaml_exponent_floats_and_nested_mappings(tmp_path):
 def test_shipped_configs_load_and_validate(name):
     cfg = load_config(Path("configs") / f"{name}.yaml")
     assert cfg.meta.method == "maml_en_llm" and cfg.meta.moment_policy == "shared"
+
+
+def test_resume_compares_model_and_data_as_absolute_paths(tmp_path, monkeypatch):
+    """A distributed run records the absolute paths it shipped to Ray; resuming with the relative ones the user
+    typed is the same config, and another data folder is still refused."""
+    from raymeta.config import to_dict, with_absolute_paths
+    from raymeta.errors import UserError
+    from raymeta.run.api import check_resume_config
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "data").mkdir()
+    (tmp_path / "other").mkdir()
+    monkeypatch.chdir(tmp_path)
+    wanted = to_dict(load_config(None, ["model=model", "data=data"]))
+    saved = with_absolute_paths(wanted)
+    assert saved["model"] == str(tmp_path / "model") and saved["data"] == str(tmp_path / "data")
+    check_resume_config(saved, wanted, False, "ckpt")
+    with pytest.raises(UserError, match="data: "):
+        check_resume_config(saved, to_dict(load_config(None, ["model=model", "data=other"])), False, "ckpt")

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from raymeta.config import TrainConfig, flatten, to_dict
+from raymeta.config import TrainConfig, flatten, to_dict, with_absolute_paths
 from raymeta.core.device import resolve_device
 from raymeta.data import open_data
 from raymeta.errors import UserError
@@ -164,7 +164,7 @@ def check_resume_config(saved: dict[str, Any], wanted: dict[str, Any], allow_cha
     `allow_changes`; anything else (the method, learning rates, data, k, seed, ...) never."""
     if not saved:
         return  # a checkpoint from before configs were recorded: nothing to compare
-    old, new = flatten(saved), flatten(wanted)
+    old, new = flatten(with_absolute_paths(saved)), flatten(with_absolute_paths(wanted))  # distributed runs record absolute ones
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     refused = [k for k in changed if k != "out" and k not in RUN_CONTROL and not (allow_changes and k in PLACEMENT)]
     if not refused:

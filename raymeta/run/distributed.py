@@ -31,7 +31,7 @@ from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from ray.util.metrics import Gauge
 
-from raymeta.config import TrainConfig, apply_overrides, to_dict
+from raymeta.config import TrainConfig, apply_overrides, to_dict, with_absolute_paths
 from raymeta.core.meta import Accumulator, MetaLearner, host_values
 from raymeta.errors import UserError
 from raymeta.run.checkpoint import local_checkpoint
@@ -212,8 +212,8 @@ def fit(
     resources: dict[str, float] = {"CPU": place.cpus_per_worker}
     name = Path(out.location.rstrip("/")).name
     config = {
-        "cfg": to_dict(cfg),
-        "out": out.location,
+        "cfg": with_absolute_paths(to_dict(cfg)),
+        "out": out.uri(),  # absolute: Ray Train starts workers (and Ray tasks start) in folders of their own
         "name": name,
         "root": str(root) if root else None,
         "after_step": after_step,
