@@ -81,7 +81,7 @@ def one(model_name: str, spec: list, tokens: int, threads: int | None, measure: 
         from raymeta.models import resolve_model_dir
         from raymeta.run.executor import RayExecutor
 
-        ray.init(include_dashboard=False, log_to_driver=False, num_cpus=2)
+        ray.init(address="local", include_dashboard=False, log_to_driver=False, num_cpus=2)
         executor = RayExecutor(str(resolve_model_dir("builtin")), cfg)
 
         def run(batches: list[TaskBatch]):  # type: ignore[no-untyped-def]

@@ -63,7 +63,7 @@ def executor_step(name: str, executor_kind: str, tokens: int, cpus_per_task: flo
             return [TaskBatch(f"t{i}", b(2 * i), b(2 * i + 1)) for i in range(4)]
 
         if executor_kind == "ray":
-            ray.init(include_dashboard=False, log_to_driver=False)
+            ray.init(address="local", include_dashboard=False, log_to_driver=False)
             executor = RayExecutor(model_dir, cfg)
         else:
             executor = LocalExecutor()
@@ -152,7 +152,7 @@ def main() -> None:
             print(f"{model} {name}: {timings[name]:.2f} s", flush=True)
         overhead = {k: v / timings["local"] - 1 for k, v in timings.items() if k != "local"}
         executors.append({"model": model, "seconds": timings, "ray_over_local": overhead})
-    ray.init(include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
     with tempfile.TemporaryDirectory() as tmp:
         fit = fit_overheads(Path(tmp))
     ray.shutdown()

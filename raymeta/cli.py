@@ -236,7 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --resume: let the placement keys (device, num_workers, executor, ...) differ from the checkpoint's "
         "config (steps and checkpointing may always change; the method, learning rates, data, k and seed never)",
     )
-    p.add_argument("--address", default=None, help="join this Ray cluster (default: $RAY_ADDRESS, else an embedded local one)")
+    p.add_argument(
+        "--address",
+        default=None,
+        help="join this Ray cluster (default: $RAY_ADDRESS, else a new embedded local one, never a running one)",
+    )
     p.add_argument("--threads", type=_positive, default=None, help="torch CPU threads")
     p.add_argument(
         "--ray-logs",
@@ -283,7 +287,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=_positive, default=None, help="trials to run (default: the file's num_samples)")
     p.add_argument("--out", type=Path, default=None, help="run folder (default: the file's out, else runs/tune/NAME)")
     p.add_argument("--resume", action="store_true", help="finish an interrupted sweep without re-running finished trials")
-    p.add_argument("--address", default=None, help="join this Ray cluster (default: $RAY_ADDRESS, else an embedded local one)")
+    p.add_argument(
+        "--address",
+        default=None,
+        help="join this Ray cluster (default: $RAY_ADDRESS, else a new embedded local one, never a running one)",
+    )
     p.set_defaults(func=commands.cmd_tune, parser=p)
 
     p = sub.add_parser(
@@ -341,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--address",
         default=None,
-        help="with --workers: join this Ray cluster (default: $RAY_ADDRESS, else an embedded local one)",
+        help="with --workers: join this Ray cluster (default: $RAY_ADDRESS, else a new embedded local one, never a running one)",
     )
     p.add_argument(
         "--cpus-per-worker",

@@ -29,7 +29,7 @@ from raymeta.run.checkpoint import latest_step, usable_checkpoint
 from raymeta.run.distributed import fit
 from raymeta.run.lock import clean_orphans, run_lock
 from raymeta.run.loop import Placement, StepHook, build_sampler, run_loop
-from raymeta.run.session import connect, joined_address
+from raymeta.run.session import connect, describe, joined_address
 from raymeta.run.tracking import check_tracking
 from raymeta.storage import RunStore
 
@@ -60,6 +60,8 @@ def train(
     checkpointing and logging; `allow_changes` lets the placement keys (devices, workers) differ too.
     `ray_logs` shows the Ray processes' own output here (off: one progress line per meta-step)."""
     cfg.validate()
+    if cfg.placement.distributed or cfg.placement.executor == "ray":
+        joined_address(address)  # --address against $RAY_ADDRESS: one line, before anything
     if not resume:
         check_weights(cfg.run.model, cfg.weights, root)  # trainable / adapter.* against the model's names, before anything
     check_tracking(cfg)  # MLflow missing, or no place for its store: one line, before anything
@@ -119,6 +121,8 @@ def _train_locked(
         return _final(store, final)
     if cfg.placement.executor == "ray":  # tasks as Ray tasks from this process
         connect(address, log_to_driver=ray_logs)
+        if progress:
+            print(f"[raymeta] {describe()}", flush=True)
     done = run_loop(
         cfg, Placement(store), resume_dir=resume_dir, progress=progress, root=root, on_step=on_step, after_step=after_step
     )

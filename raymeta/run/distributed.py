@@ -6,7 +6,7 @@ counts) are summed with `torch.distributed.all_reduce` as one flat buffer -- DDP
 double backward, so there is none -- and every worker applies the same outer step. Rank 0 reports a
 checkpoint through `ray.train.report` every `checkpoint_every` steps into `out/checkpoints/step-N`
 (Ray's storage is the checkpoint store); after a worker dies, `FailureConfig` restarts the workers
-from the last one. `ray.init()` starts an embedded local cluster unless an address (or RAY_ADDRESS) is given.
+from the last one. `session.connect` starts a new embedded local cluster unless an address (or RAY_ADDRESS) is given.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from raymeta.core.meta import Accumulator, MetaLearner, host_values
 from raymeta.errors import UserError
 from raymeta.run.checkpoint import local_checkpoint
 from raymeta.run.loop import Placement, StepHook, progress_line, run_loop
-from raymeta.run.session import check_resources, connect, progress_while_short
+from raymeta.run.session import check_resources, connect, describe, progress_while_short
 from raymeta.storage import RunStore
 
 __all__ = ["all_reduce", "fit"]
@@ -206,6 +206,8 @@ def fit(
     reaches this terminal only with `ray_logs` (it is always in Ray's log folder and the dashboard)."""
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")  # report latency: ~2 s otherwise
     joined = connect(address, log_to_driver=ray_logs)
+    if progress:
+        print(f"[raymeta] {describe()}", flush=True)
     place = cfg.placement
     what = "num_workers x (cpus_per_worker, use_gpu) + one Ray task (cpus_per_task, gpus_per_task)"
     check_resources(place.cpus_needed(), place.gpus_needed(), joined=joined, what=what)

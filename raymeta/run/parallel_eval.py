@@ -18,6 +18,7 @@ Units are handed out longest first, as workers become free (Ray's `ActorPool`).
 from __future__ import annotations
 
 import contextlib
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,11 +94,14 @@ def evaluate_parallel(
     """`evaluate_setting` with the units spread over `workers` Ray actors (an embedded local cluster
     unless `address` or $RAY_ADDRESS names one). Returns the same results dict, plus `workers` and the
     loss cache's hits and misses over all workers."""
-    from raymeta.run.session import check_resources, connect, progress_while_short
+    from raymeta.run.session import check_resources, connect, describe, joined_address, progress_while_short
 
+    joined_address(address)  # --address against $RAY_ADDRESS: one line, before anything
     units = plan(data, setting, cfg)  # reads and validates the data before Ray starts
     started_here = not ray.is_initialized()
     joined = connect(address, dashboard=False, log_to_driver=False)
+    if progress:
+        print(f"[raymeta] {describe()}", file=sys.stderr, flush=True)
     try:
         cpus = cpus_per_worker if cpus_per_worker is not None else max(ray.cluster_resources().get("CPU", 1.0) / workers, 0.01)
         ready = check_resources(

@@ -2,11 +2,16 @@
 
 - `--address` / `RAY_ADDRESS`: join that cluster, as it is (its own auth settings apply). A resource
   shortfall there is a warning: the autoscaler may add nodes once the run's demand reaches it, so the
-  run waits, printing what it waits for.
-- otherwise: an embedded local cluster. Its node address is kept on loopback, and Ray binds its
-  servers to the node address, so every one of them (the dashboard too) listens on 127.0.0.1; it runs
-  with Ray's token auth and a random token of this process, so no other user or host can join it or
-  submit work. A shortfall there is an error: a local cluster does not grow.
+  run waits, printing what it waits for. `RAY_ADDRESS` is how `ray job submit` hands its cluster to a
+  driver; set together with a different `--address` it is refused (which one was meant is unknowable).
+- otherwise: a new embedded local cluster (`ray.init(address="local")`), never a cluster that happens
+  to be running: a bare `ray.init()` would join the head that `/tmp/ray/ray_current_cluster` names,
+  anyone's `ray start --head`, without its loopback and token guarantees. Its node address is kept on
+  loopback, and Ray binds its servers to the node address, so every one of them (the dashboard too)
+  listens on 127.0.0.1; it runs with Ray's token auth and a random token of this process, so no other
+  user or host can join it or submit work. A shortfall there is an error: a local cluster does not grow.
+
+`describe()` is the line a run prints to say which cluster it runs on.
 """
 
 from __future__ import annotations
@@ -26,14 +31,37 @@ import ray
 
 from raymeta.errors import UserError
 
-__all__ = ["LOOPBACK", "check_resources", "connect", "joined_address", "progress_while_short"]
+__all__ = ["LOOPBACK", "check_resources", "connect", "describe", "joined_address", "progress_while_short"]
 
 LOOPBACK = "127.0.0.1"
+# how this process's Ray session came to be: "how" (embedded | --address | RAY_ADDRESS), for the session at "gcs"
+_STARTED: dict[str, str] = {}
 
 
 def joined_address(address: str | None) -> str | None:
-    """The cluster to join: `address`, else $RAY_ADDRESS; None means an embedded local cluster."""
-    return address or os.environ.get("RAY_ADDRESS") or None
+    """The cluster to join: `address`, else $RAY_ADDRESS; None means a new embedded local cluster. An
+    `address` that contradicts a $RAY_ADDRESS set in the environment is a `UserError`."""
+    env = os.environ.get("RAY_ADDRESS") or None
+    if address and env and address.rstrip("/") != env.rstrip("/"):
+        raise UserError(
+            f"{address} contradicts RAY_ADDRESS={env} in the environment: unset one of them",
+            key="address",
+        )
+    return address or env
+
+
+def describe() -> str:
+    """Which cluster this process's Ray session runs on, in one line (after `connect`)."""
+    ctx = ray.get_runtime_context()
+    gcs = ctx.gcs_address
+    how = _STARTED.get("how") if _STARTED.get("gcs") == gcs else None
+    if how is None:  # ray.init was called before raymeta's own connect (a user's script)
+        return f"Ray: the cluster this process had already connected to, at {gcs}"
+    if how == "embedded":
+        url = _STARTED.get("dashboard")
+        dashboard = f"; dashboard {url}" if url else ""
+        return f"Ray: a new embedded cluster of this process at {gcs} (loopback only, token auth){dashboard}"
+    return f"Ray: joined the cluster at {gcs} (from {how})"
 
 
 def connect(
@@ -49,6 +77,8 @@ def connect(
             ray.init(address=target, log_to_driver=log_to_driver)
         except ConnectionError as e:
             raise UserError(f"{target}: cannot connect to a Ray cluster ({e})", key="address") from None
+        _STARTED.clear()
+        _STARTED.update(how="--address" if address else "RAY_ADDRESS", gcs=ray.get_runtime_context().gcs_address)
         return True
     # Ray turns token auth on for a new local cluster unless RAY_AUTH_MODE says otherwise; the token is
     # this process's own (its Ray processes inherit it), not a file written into the user's home
@@ -66,15 +96,26 @@ def connect(
             "may listen on this host's address (token auth still applies)",
             stacklevel=2,
         )
-        ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host=LOOPBACK, log_to_driver=log_to_driver)
+        _start_local(num_cpus, dashboard, log_to_driver)
         return False
     clusters = ray_constants.ENABLE_RAY_CLUSTER
     ray_constants.ENABLE_RAY_CLUSTER = False
     try:
-        ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host=LOOPBACK, log_to_driver=log_to_driver)
+        _start_local(num_cpus, dashboard, log_to_driver)
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = clusters
     return False
+
+
+def _start_local(num_cpus: int | None, dashboard: bool | None, log_to_driver: bool) -> None:
+    # address="local": a new cluster even where RAY_ADDRESS is unset and an address file names a running head
+    context = ray.init(
+        address="local", num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host=LOOPBACK, log_to_driver=log_to_driver
+    )
+    _STARTED.clear()
+    _STARTED.update(how="embedded", gcs=ray.get_runtime_context().gcs_address)
+    if context.dashboard_url:
+        _STARTED["dashboard"] = "http://" + context.dashboard_url
 
 
 class _TokenNotice(logging.Filter):

@@ -23,7 +23,7 @@ from raymeta.models import resolve_model_dir
 from raymeta.run.api import train
 from raymeta.run.checkpoint import latest_checkpoint
 from raymeta.run.loop import build_sampler
-from raymeta.run.session import check_resources, connect, progress_while_short
+from raymeta.run.session import check_resources, connect, describe, joined_address, progress_while_short
 from raymeta.storage import RunStore
 from raymeta.tune.report import write_outputs
 from raymeta.tune.space import encode
@@ -115,6 +115,7 @@ def run_sweep(
     sweep: Sweep, *, resume: bool = False, address: str | None = None, root: Path | None = None, verbose: int = 1
 ) -> dict[str, Any]:
     """Run (or resume) a sweep; returns a summary (also written as the run folder's files)."""
+    joined_address(address)  # --address against $RAY_ADDRESS: one line, before anything
     store = RunStore(sweep.location)
     store.check_writable()
     if resume and not store.exists("experiment/tuner.pkl"):
@@ -131,6 +132,8 @@ def run_sweep(
     os.environ.setdefault("TUNE_WARN_THRESHOLD_S", "5")
     # the dashboard serves the state API that Ray Train uses to free a stopped trial's placement group
     joined = connect(address, dashboard=True, log_to_driver=verbose > 1)
+    if verbose:
+        print(f"[raymeta] {describe()}", flush=True)
     place = _trial_placement(sweep)
     need_cpus, need_gpus = place.cpus_needed() + sweep.trial_cpus, place.gpus_needed()
     check_resources(need_cpus, need_gpus, joined=joined, what=f"{sweep.path}: resources: a trial")
