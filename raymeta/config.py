@@ -95,6 +95,7 @@ class TaskConfig:
                 ("tasks_per_step", self.tasks_per_step),
                 ("support_size", self.support_size),
                 ("query_size", self.query_size),
+                ("max_length_per_example", self.max_length_per_example),
             ),
         )
         if self.max_examples_per_task is not None and self.max_examples_per_task < self.k + 2:
@@ -135,7 +136,12 @@ class ValidationConfig:
         _at_least(
             where,
             0,
-            (("validation.tasks", self.tasks), ("validation.every", self.every), ("validation.adapt_steps", self.adapt_steps)),
+            (
+                ("validation.tasks", self.tasks),
+                ("validation.every", self.every),
+                ("validation.adapt_steps", self.adapt_steps),
+                ("validation.seed", self.seed),
+            ),
         )
         if not 0 < self.adapt_lr <= MAX_LR:
             raise _bad(where, "validation.adapt_lr", f"a positive number <= {MAX_LR:g}", self.adapt_lr)
@@ -159,6 +165,7 @@ class RunConfig:
 
     def validate(self, where: str) -> None:
         _at_least(where, 1, (("steps", self.steps), ("checkpoint_every", self.checkpoint_every), ("log_every", self.log_every)))
+        _at_least(where, 0, (("seed", self.seed),))  # numpy's generators take no negative seed
         if self.keep_checkpoints < 0:
             raise _bad(where, "keep_checkpoints", "a number >= 0", self.keep_checkpoints)
         if self.tracking not in TRACKERS:
