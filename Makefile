@@ -64,4 +64,4 @@ lint: $(STAMP)
 
 test: lint
 	@echo "==> tests (the first run also fetches the real assets into ~/.cache/raymeta, about 2 minutes)"
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q --durations=25

@@ -1,12 +1,17 @@
-"""Shared fixtures: the real assets (fetched once into the user cache), a GPT-2 tokenizer, tiny models."""
+"""Shared fixtures: the real assets (fetched once into the user cache), a GPT-2 tokenizer, tiny models,
+and Ray kept to the suite: its own temp folder, one shared embedded cluster, no cluster outliving its test."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import shutil
 import socket
+import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,6 +19,96 @@ import torch
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def ray_temp_dir() -> Iterator[Path]:
+    """The suite's own Ray temp folder, and no RAY_ADDRESS: a head left running on this machine (its
+    /tmp/ray/ray_current_cluster) or a RAY_ADDRESS in the shell never reaches a test. Short, under /tmp:
+    Ray's socket paths must fit in 107 bytes. Subprocesses of the tests inherit both."""
+    folder = Path(tempfile.mkdtemp(prefix="rmt-", dir="/tmp"))
+    saved = {k: os.environ.get(k) for k in ("RAY_TMPDIR", "RAY_ADDRESS", "RAY_USAGE_STATS_ENABLED")}
+    os.environ["RAY_TMPDIR"] = str(folder)
+    os.environ.pop("RAY_ADDRESS", None)
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    try:
+        yield folder
+    finally:
+        SHARED_RAY.down()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+class SharedRay:
+    """One embedded cluster (2 CPUs, dashboard on: Ray Train's placement-group cleaner for Tune needs the
+    state API it serves) for the tests that only need "a local Ray", started as raymeta starts one
+    (`connect`: loopback, token). A test that leaves its CPUs taken gets a new one for the next test."""
+
+    def __init__(self) -> None:
+        self.gcs: str | None = None
+
+    def current(self) -> bool:
+        import ray
+
+        return self.gcs is not None and ray.is_initialized() and ray.get_runtime_context().gcs_address == self.gcs
+
+    def idle(self, wait: float = 20.0) -> bool:
+        """Whether every CPU is free again (Ray frees a finished Train run's placement group a moment later)."""
+        import ray
+
+        deadline = time.monotonic() + wait
+        while True:
+            total, free = ray.cluster_resources().get("CPU", 0.0), ray.available_resources().get("CPU", 0.0)
+            if free >= total - 1e-9:
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.2)
+
+    def up(self):
+        import ray
+
+        from raymeta.run.session import connect
+
+        if self.current() and self.idle():
+            return ray
+        self.down()
+        connect(None, dashboard=True, log_to_driver=False, num_cpus=2)
+        self.gcs = ray.get_runtime_context().gcs_address
+        return ray
+
+    def down(self) -> None:
+        if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+            sys.modules["ray"].shutdown()
+        self.gcs = None
+
+
+SHARED_RAY = SharedRay()
+
+
+@pytest.fixture()
+def ray_local():
+    """The suite's shared embedded cluster (see `SharedRay`), connected in this process."""
+    return SHARED_RAY.up()
+
+
+@pytest.fixture()
+def no_ray() -> None:
+    """No Ray session in this process (the shared cluster stopped): for a test that starts or joins its own."""
+    SHARED_RAY.down()
+
+
+@pytest.fixture(autouse=True)
+def _no_cluster_outlives_its_test():
+    """A Ray session a test started (a `train` that connected, a Ray Tune sweep, a bench) ends with the test,
+    whatever happened in it: no test can lean on one that an earlier test left running."""
+    yield
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized() and not SHARED_RAY.current():
+        sys.modules["ray"].shutdown()
 
 
 @pytest.fixture(scope="session")
@@ -78,12 +173,14 @@ class CrashOnce:
 
 @contextlib.contextmanager
 def local_ray(*, dashboard: bool):
-    """A Ray instance of our own (2 CPUs), shut down afterwards: tests never `ray stop`."""
+    """A new Ray instance of this test's own (2 CPUs), for a test whose Ray workers need the environment as
+    it is now (an S3 endpoint, a home): the shared one's workers started with the environment of its
+    start. Shut down afterwards; tests never `ray stop`."""
     import ray
 
     from raymeta.run.session import connect
 
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    SHARED_RAY.down()
     connect(None, dashboard=dashboard, log_to_driver=False, num_cpus=2)  # as raymeta starts one: loopback, token
     try:
         yield ray

@@ -153,6 +153,46 @@ CASES: dict[str, tuple[Case, str]] = {
     "out is a file": (lambda tmp, base: [*_train("{}\n")(tmp, base), f"out={_a_file(tmp)}"], "exists and is not a folder"),
     "resume with nothing": (_train("{}\n", "--resume"), "--resume: no checkpoint in"),
     "config file missing": (_cli("train", "/nonexistent/c.yaml"), "/nonexistent/c.yaml: config file not found"),
+    "method unknown, in full": (
+        _train("method: maml\n"),
+        "c.yaml: method: expected one of maml_en_llm, fomaml, reptile, metaicl, got 'maml'",
+    ),
+    "inner.optimizer unknown": (
+        _train("inner:\n  optimizer: lion\n"),
+        "inner.optimizer: expected one of sgd, adam, adamw, got 'lion'",
+    ),
+    "negative outer.lr": (
+        lambda tmp, base: ["train", "--quiet", str(_write_file(tmp / "c.yaml", b"outer:\n  lr: -0.001\n"))],
+        "outer.lr: expected a positive number <= 1e+06 (larger ones overflow the float32 update), got -0.001",
+    ),
+    "inner.steps 0": (_train("inner:\n  steps: 0\n"), "inner.steps: expected an integer >= 1, got 0"),
+    "flat inner_lr": (_train("inner_lr: 0.1\n"), "unknown key 'inner_lr'"),
+    "keep_checkpoints -1": (_train("keep_checkpoints: -1\n"), "keep_checkpoints: expected a number >= 0, got -1"),
+    "unknown key lists the known ones": (
+        _train("inner:\n  momentum: 0.9\n"),
+        "unknown key 'inner.momentum' (known: inner.lr, inner.optimizer, inner.steps)",
+    ),
+    "tasks_per_step a word": (_train("tasks_per_step: two\n"), "tasks_per_step: expected an integer, got 'two'"),
+    "activation_checkpointing 1": (
+        _train("activation_checkpointing: 1\n"),
+        "activation_checkpointing: expected true or false, got 1",
+    ),
+    "shared moments with sgd": (
+        _train("inner:\n  optimizer: sgd\n"),
+        "moment_policy: expected 'none' unless inner.optimizer and outer.optimizer are both adam or adamw",
+    ),
+    "unclosed list": (_train("method: [unclosed\n"), "c.yaml:2: invalid YAML (expected ',' or ']'"),
+    "negative override": (
+        _train("{}\n", "inner.lr=-1"),
+        "inner.lr: expected a positive number <= 1e+06 (larger ones overflow the float32 update), got -1.0",
+    ),
+    "override not key=value": (_train("{}\n", "nonsense"), "override 'nonsense': expected key=value"),
+    "override outer.optimizer unknown": (
+        _train("{}\n", "outer.optimizer=adagrad"),
+        "outer.optimizer: expected one of sgd, adam, adamw, got 'adagrad'",
+    ),
+    "seed -1": (_train("{}\n", "seed=-1"), "seed: expected an integer >= 0, got -1"),
+    "max_length_per_example 0": (_train("{}\n", "max_length_per_example=0"), "max_length_per_example: expected an integer >= 1"),
     # --- data folders ---------------------------------------------------------------------------
     "test file not UTF-8": (_data(_write(f"data/{SEND}", b'{"task": "sent", "input": "\xff"}\n')), f"{SEND}:1: not UTF-8 text"),
     "lone surrogate in a pool": (
@@ -160,6 +200,32 @@ CASES: dict[str, tuple[Case, str]] = {
         "'input' holds a lone UTF-16 surrogate",
     ),
     "invalid JSON line": (_data(_write(f"data/{SEND}", '{"task": "sent",\n')), f"{SEND}:1: invalid JSON"),
+    "invalid JSON on line 2": (
+        _data(
+            _write(
+                f"data/{SEND}", '{"task": "sent", "input": "x", "output": "positive", "options": ["positive", "negative"]}\n{no\n'
+            )
+        ),
+        f"{SEND}:2: invalid JSON",
+    ),
+    "missing output": (_data(_rows(f"data/{SEND}", lambda rows: rows[0].pop("output"))), f"{SEND}:1: missing key 'output'"),
+    "demonstrations fewer than k": (
+        _data(
+            _write(
+                "data/sent/sent_4_100_train.jsonl",
+                '{"task": "sent", "input": "x", "output": "positive", "options": ["positive", "negative"]}\n',
+            )
+        ),
+        "sent_4_100_train.jsonl: has 1 examples, expected at least k=4",
+    ),
+    "setting file invalid JSON on line 2": (
+        _data(_write("config/toy.json", '{"train": ["train_a"],\n "test": [}')),
+        "toy.json:2: invalid JSON",
+    ),
+    "data check of an unknown setting": (
+        _cli("data", "check", "DATA", "--setting", "absent"),
+        "config/absent.json not found (settings in",
+    ),
     "missing key": (_data(_rows(f"data/{SEND}", lambda rows: rows[0].pop("options"))), "missing key 'options'"),
     "output not an option": (_data(_rows(f"data/{SEND}", _set("output", "maybe"))), "'output' 'maybe' is not one of"),
     "one option": (
@@ -197,6 +263,9 @@ CASES: dict[str, tuple[Case, str]] = {
     "eval --workers 0": (_cli("eval", "--workers", "0"), "argument --workers: expected a positive integer, got 0"),
     "eval --k 0": (_cli("eval", "--k", "0"), "argument --k: expected a positive integer"),
     "eval --seeds words": (_cli("eval", "--seeds", "a,b"), "argument --seeds: expected comma-separated integers"),
+    "eval --k a word": (_cli("eval", "--k", "zero"), "argument --k: expected a positive integer, got 'zero'"),
+    "data bigbench without --tasks": (_cli("data", "bigbench", "--out", "OUT"), "the following arguments are required"),
+    "unknown command": (_cli("nope"), "invalid choice: 'nope'"),
     "eval --gpus-per-worker nan": (_cli("eval", "--gpus-per-worker", "nan"), "expected a number >= 0, got nan"),
     "eval --variants unknown": (_eval("--variants", "sideways"), "unknown variant 'sideways'"),
     "eval --modes unknown": (_eval("--modes", "few-shot"), "unknown mode 'few-shot'"),
@@ -223,6 +292,7 @@ CASES: dict[str, tuple[Case, str]] = {
     "compare a missing folder": (_cli("compare", "/nonexistent/a", "/nonexistent/b"), "not a readable results.json"),
     # --- model folders --------------------------------------------------------------------------
     "model folder missing": (_eval(model=lambda m: shutil.rmtree(m)), "--model"),
+    "empty model folder": (_eval(model=lambda m: [p.unlink() for p in m.iterdir()]), "not a Hugging Face model folder"),
     "truncated weights": (_eval(model=_truncate("model.safetensors")), "cannot load a causal LM"),
     "garbage config.json": (_eval(model=_write("config.json", "{not json")), "--model"),
     "garbage tokenizer file": (_eval(model=_write("tokenizer.json", b"\x00garbage")), "cannot load the tokenizer"),
@@ -240,8 +310,32 @@ def _write_file(path: Path, data: bytes) -> Path:
     return path
 
 
-def test_there_are_at_least_60_cases():
-    assert len(CASES) >= 60
+def _numeric_keys() -> list[str]:
+    from raymeta.config import TrainConfig, to_dict
+
+    def flat(d: dict, prefix: str = "") -> list[tuple[str, object]]:
+        return [kv for k, v in d.items() for kv in (flat(v, f"{prefix}{k}.") if isinstance(v, dict) else [(prefix + k, v)])]
+
+    return [k for k, v in flat(to_dict(TrainConfig())) if isinstance(v, (int, float)) and not isinstance(v, bool)]
+
+
+def test_every_numeric_config_key_refuses_nan_inf_and_a_value_below_its_range():
+    """Drawn from the config itself, not from the table above: a key added without a range check fails here."""
+    from raymeta.config import load_config
+    from raymeta.errors import UserError
+
+    keys = _numeric_keys()
+    assert {"inner.lr", "outer.lr", "steps", "seed", "max_length_per_example", "validation.seed", "max_failures"} <= set(keys)
+    accepted = []
+    for key in keys:
+        for bad in ("nan", "inf", "-2"):
+            try:
+                load_config(None, [f"{key}={bad}"]).validate()
+            except UserError as e:
+                assert key in e.render() or key.rsplit(".", 1)[-1] in e.render(), (key, bad, e.render())
+            else:
+                accepted.append(f"{key}={bad}")
+    assert not accepted, accepted
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -291,3 +385,14 @@ def test_disk_full_during_a_checkpoint_is_one_line_and_keeps_the_earlier_checkpo
     names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert names == ["step-000001"]  # the earlier one intact, no temporary folder left
     assert checkpoint.verify_checkpoint(tmp_path / "run" / "checkpoints" / "step-000001") is None
+
+
+def test_the_real_process_exits_2_with_one_line_and_no_traceback():
+    """The table above calls `main` in this process; here once as a user runs it, for the exit status itself."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "raymeta.cli", "eval", "--k", "zero"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "argument --k: expected a positive integer" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -9,7 +9,7 @@ import json
 from tests.conftest import make_data_dir, tiny_gpt2
 
 
-def test_paper_campaign_smoke(tmp_path, gpt2_tokenizer, capsys):
+def test_paper_campaign_smoke(tmp_path, gpt2_tokenizer, capsys, ray_local):  # its sweep runs on the shared cluster
     from bench import paper
 
     tiny_gpt2().save_pretrained(tmp_path / "model")

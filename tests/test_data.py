@@ -1,15 +1,11 @@
-"""MetaICL layout reading, the BIG-bench builder, and every kind of bad input: one line, exit code 2."""
+"""MetaICL layout reading, the overlap warning and the BIG-bench builder (bad data folders: tests/test_bad_input.py)."""
 
 from __future__ import annotations
 
 import io
 import json
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
-
-import pytest
 
 from raymeta.cli import main
 from raymeta.data import DataDir
@@ -31,106 +27,11 @@ def test_check_accepts_a_good_folder_and_reads_arrow(tmp_path, capsys):
     assert pool.num_rows == 12 and pool.column_names == ["task", "input", "output", "options"]
 
 
-def _break(root: Path, rel: str, text: str) -> Path:
-    path = root / rel
-    path.write_text(text)
-    return path
-
-
-BAD_FILES = [
-    # (file, content, expected fragment of the one-line message)
-    (
-        "data/sent/sent_4_100_test.jsonl",
-        '{"task": "sent", "input": "x", "output": "positive", "options": ["positive", "negative"]}\n{not json\n',
-        "sent_4_100_test.jsonl:2: invalid JSON",
-    ),
-    (
-        "data/sent/sent_4_100_test.jsonl",
-        '{"task": "sent", "input": "x", "options": ["positive", "negative"]}\n',
-        ":1: missing key 'output'",
-    ),
-    (
-        "data/sent/sent_4_100_test.jsonl",
-        '{"task": "sent", "input": "x", "output": "meh", "options": ["positive", "negative"]}\n',
-        ":1: 'output' 'meh' is not one of 'options'",
-    ),
-    (
-        "data/sent/sent_4_100_test.jsonl",
-        '{"task": "sent", "input": "x", "output": "positive", "options": ["positive"]}\n',
-        ":1: a test example needs at least 2 options, got 1",
-    ),
-    (
-        "data/sent/sent_4_100_train.jsonl",
-        '{"task": "sent", "input": "x", "output": "positive", "options": ["positive", "negative"]}\n',
-        "sent_4_100_train.jsonl: has 1 examples, expected at least k=4",
-    ),
-    ("data/sent/sent_4_100_test.jsonl", "", "sent_4_100_test.jsonl: no examples (the file is empty)"),
-    (
-        "data/sent/sent_4_100_test.jsonl",
-        '{"task": "other", "input": "x", "output": "a", "options": ["a", "b"]}\n',
-        ":1: 'task' is 'other', expected 'sent'",
-    ),
-    (
-        "data/sent/sent_4_100_test.jsonl",
-        '{"task": "sent", "input": 3, "output": "a", "options": ["a", "b"]}\n',
-        ":1: 'input' must be a string, got int",
-    ),
-    ("config/toy.json", '{"train": ["train_a"], "test": ["nope"]}', "unknown task 'nope'"),
-    (
-        "config/toy.json",
-        '{"train": ["train_a"], "test": ["sent"], "unseen_domain_test": ["mc"]}',
-        "'unseen_domain_test' lists 'mc'",
-    ),
-    ("config/toy.json", '{"train": ["train_a"],\n "test": [}', "toy.json:2: invalid JSON"),
-    (
-        "config/tasks/sent.json",
-        '{"task_type": "regression"}',
-        "'task_type' must be one of classification, multi-choice, free-form",
-    ),
-]
-
-
-@pytest.mark.parametrize("rel,content,fragment", BAD_FILES)
-def test_bad_data_gives_one_line_and_exit_2(tmp_path, capsys, rel, content, fragment):
-    root = make_data_dir(tmp_path / "d", k=4, seeds=(100, 13))
-    _break(root, rel, content)
-    code, out, err = run_cli(capsys, "data", "check", str(root), "--k", "4", "--seeds", "100,13")
-    assert code == 2, err
-    assert fragment in err
-    assert err.count("\n") == 1 and err.startswith("raymeta: error: ") and "Traceback" not in err
-
-
-def test_missing_folder_and_unknown_setting(tmp_path, capsys):
-    code, _, err = run_cli(capsys, "data", "check", str(tmp_path / "nowhere"))
-    assert code == 2 and "data folder not found" in err
-    root = make_data_dir(tmp_path / "d")
-    code, _, err = run_cli(capsys, "data", "check", str(root), "--setting", "absent")
-    assert code == 2 and "unknown setting 'absent'" in err and "(settings in" in err
-
-
 def test_train_test_overlap_is_warned(tmp_path, capsys):
     root = make_data_dir(tmp_path / "d", k=4, seeds=(100, 13))
     (root / "config" / "toy.json").write_text(json.dumps({"train": ["train_a", "sent"], "test": ["sent", "mc"]}))
     code, _, err = run_cli(capsys, "data", "check", str(root), "--k", "4", "--seeds", "100,13")
     assert code == 0 and "raymeta: warning:" in err and "both meta-train and test tasks: sent" in err
-
-
-def test_bad_arguments_exit_2_without_traceback(tmp_path):
-    for argv in (["eval", "--k", "zero"], ["eval", "--seeds", "a,b"], ["data", "bigbench", "--out", str(tmp_path)], ["nope"]):
-        proc = subprocess.run([sys.executable, "-m", "raymeta.cli", *argv], capture_output=True, text=True)
-        assert proc.returncode == 2, argv
-        assert "Traceback" not in proc.stderr and proc.stderr.strip().count("\n") == 0, proc.stderr
-
-
-def test_eval_refuses_an_unreadable_model_folder(tmp_path, capsys):
-    root = make_data_dir(tmp_path / "d")
-    (tmp_path / "m").mkdir()
-    code, _, err = run_cli(capsys, "eval", "--model", str(tmp_path / "m"), "--data", str(root), "--setting", "toy", "--k", "4")
-    assert code == 2 and "not a Hugging Face model folder" in err
-    (tmp_path / "m" / "config.json").write_text("{broken")
-    code, _, err = run_cli(capsys, "eval", "--model", str(tmp_path / "m"), "--data", str(root), "--setting", "toy", "--k", "4")
-    assert code == 2 and err.startswith("raymeta: error: --model") and err.count("\n") == 1
-    assert not (tmp_path / "runs").exists()
 
 
 # --- the BIG-bench builder on a synthetic tarball with BIG-bench's structure ---------------------------------

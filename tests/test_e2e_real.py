@@ -23,12 +23,34 @@ def _mini(assets, out: Path, setting: dict[str, list[str]]) -> None:
     (out / "config" / "mini.json").write_text(json.dumps(setting))
 
 
-def test_fetch_is_idempotent_and_verified(assets, capsys):
+def _files(root: Path) -> dict[str, tuple[int, int, int]]:
+    return {
+        str(p.relative_to(root)): (p.stat().st_ino, p.stat().st_size, p.stat().st_mtime_ns)
+        for p in root.rglob("*")
+        if p.is_file()
+    }
+
+
+def test_fetch_is_idempotent_and_verified(assets, tmp_path, capsys):
+    from raymeta.assets import _manifest_ok
+
     manifest = json.loads((assets.smollm2 / "raymeta_manifest.json").read_text())
     assert 2.0 < manifest["sanity_loss"] < 3.2  # PLATFORM.md: about 2.6 on "The capital of France is Paris."
+    before = _files(assets.root)
     assert main(["fetch", "--quiet", "--home", str(assets.root)]) == 0
     out = capsys.readouterr().out
     assert "(verified)" in out and "downloads verified (sha256)" in out
+    assert _files(assets.root) == before  # a second fetch downloads, converts and rewrites nothing
+    # "verified" means the model's files are checked against the digests it recorded: one changed file fails it
+    copy = tmp_path / "smollm2"
+    copy.mkdir()
+    for p in assets.smollm2.iterdir():
+        (copy / p.name).hardlink_to(p)
+    assert _manifest_ok(copy)
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").unlink()  # a new file, not the linked one
+    (copy / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-6}))
+    assert not _manifest_ok(copy)
 
 
 def test_smollm2_icl_on_real_builtin_tasks(assets, tmp_path, capsys):

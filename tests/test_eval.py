@@ -65,15 +65,46 @@ def test_subsample_is_seeded_and_shared_across_seeds(tmp_path, gpt2_tokenizer):
     assert t["seeds"]["100"] == t["seeds"]["13"]  # zero-shot on the same subset: same score for every seed
 
 
-def test_shared_truncation_fits_every_sequence_and_equals_metaicl_when_nothing_is_cut(tmp_path, gpt2_tokenizer):
-    data = DataDir(make_data_dir(tmp_path / "d"))
+def _scored(monkeypatch) -> list:
+    """Every (max_length, sequence) an OptionScorer is given from now on."""
+    from raymeta.eval import icl
+
+    seen: list = []
+    real = icl.OptionScorer.score
+    monkeypatch.setattr(
+        icl.OptionScorer, "score", lambda self, seqs: seen.extend((self.max_length, s) for s in seqs) or real(self, seqs)
+    )
+    return seen
+
+
+def test_shared_truncation_fits_every_sequence_and_equals_metaicl_when_nothing_is_cut(tmp_path, gpt2_tokenizer, monkeypatch):
+    root = make_data_dir(tmp_path / "d")
+    for path in (root / "data").rglob("*.jsonl"):  # inputs of about 12 tokens: 4 demonstrations and a test example pass 64
+        rows = [json.loads(x) for x in path.read_text().splitlines()]
+        path.write_text("".join(json.dumps({**r, "input": " ".join([r["input"]] * 3)}) + "\n" for r in rows))
+    data = DataDir(root)
     model = tiny_gpt2()
     base = dict(k=4, seeds=(100, 13), variants=("direct", "channel"), modes=("icl",))
-    exact = evaluate_setting(model, gpt2_tokenizer, data, data.setting("toy"), EvalConfig(**base), cache=None, progress=False)
-    shared = evaluate_setting(
-        model, gpt2_tokenizer, data, data.setting("toy"), EvalConfig(**base, truncation="shared"), cache=None, progress=False
-    )
-    assert shared["runs"] == exact["runs"]  # the toy prompts fit in max_length: the two rules agree
+
+    def run(**kw):  # type: ignore[no-untyped-def]
+        seen = _scored(monkeypatch)
+        res = evaluate_setting(
+            model, gpt2_tokenizer, data, data.setting("toy"), EvalConfig(**base, **kw), cache=None, progress=False
+        )
+        return res, seen
+
+    # 256 tokens per example: the toy prompts fit whole, and the two rules agree
+    exact, seen = run()
+    assert seen and not any(s.needs_truncation(n) for n, s in seen)
+    shared, seen = run(truncation="shared")
+    assert shared["runs"] == exact["runs"]
+    # 16 tokens per example (64 in all): MetaICL's rule cuts sequences one by one; the shared rule scores only
+    # sequences that fit, every option of a test example behind the same demonstrations
+    exact, seen = run(max_length_per_example=16)
+    assert sum(s.needs_truncation(n) for n, s in seen) > len(seen) // 2
+    shared, seen = run(max_length_per_example=16, truncation="shared")
+    assert seen and not any(s.needs_truncation(n) for n, s in seen)
+    assert shared["runs"] != exact["runs"]
 
 
 def test_shared_truncation_cuts_the_demonstrations_once(gpt2_tokenizer, monkeypatch):

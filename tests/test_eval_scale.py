@@ -16,7 +16,7 @@ from raymeta.eval.icl import EvalConfig, LossCache, evaluate_setting, model_fing
 from raymeta.eval.metrics import accuracy, macro_f1
 from raymeta.models import load_model
 from raymeta.run.parallel_eval import ModelSource, evaluate_parallel
-from tests.conftest import local_ray, make_data_dir, tiny_gpt2, tiny_run_folder
+from tests.conftest import make_data_dir, tiny_gpt2, tiny_run_folder
 
 
 def _record(metric: str, n: int = 30, seeds=("1", "2", "3"), labels: int = 3, seed: int = 0) -> dict:
@@ -142,7 +142,7 @@ def test_results_carry_intervals_predictions_and_samples(toy, gpt2_tokenizer):
     assert s["prediction"] == s["options"][int(np.argmin(s["option_losses"]))]
 
 
-def test_ray_workers_give_the_in_process_results(toy, gpt2_tokenizer, tmp_path):
+def test_ray_workers_give_the_in_process_results(toy, gpt2_tokenizer, tmp_path, ray_local):
     """Two Ray workers, each loading the model once, on an embedded local cluster; the loss cache is
     shared by them and the second run is all hits."""
     data = DataDir(toy / "data")
@@ -151,10 +151,9 @@ def test_ray_workers_give_the_in_process_results(toy, gpt2_tokenizer, tmp_path):
     model = load_model(str(toy / "model"))
     local = evaluate_setting(model, gpt2_tokenizer, data, setting, cfg, progress=False)
     source = ModelSource(str(toy / "model"), device="cpu")
-    with local_ray(dashboard=False):
-        kw = {"model_id": model_fingerprint(model), "workers": 2, "cache_dir": tmp_path / "cache", "progress": False}
-        remote = evaluate_parallel(source, data, setting, cfg, **kw)
-        again = evaluate_parallel(source, data, setting, cfg, **kw)
+    kw = {"model_id": model_fingerprint(model), "workers": 2, "cache_dir": tmp_path / "cache", "progress": False}
+    remote = evaluate_parallel(source, data, setting, cfg, **kw)
+    again = evaluate_parallel(source, data, setting, cfg, **kw)
     assert remote["runs"] == local["runs"]
     assert remote["workers"]["n"] == 2 and not remote["workers"]["joined_cluster"]
     total = remote["loss_cache"]["hits"] + remote["loss_cache"]["misses"]
@@ -221,7 +220,7 @@ def test_mismatched_results_are_refused(toy, tmp_path, capsys):
     assert "not a readable results.json" in _refusal(capsys, ["table", str(tmp_path / "missing")])
 
 
-def test_bad_worker_arguments_are_refused(toy, tmp_path, capsys):
+def test_bad_worker_arguments_are_refused(toy, tmp_path, capsys, no_ray):  # --address: no session to fall back on
     assert "--workers" in _refusal(capsys, ["eval", "--workers", "0"])
     assert "--gpus-per-worker" in _refusal(capsys, ["eval", "--gpus-per-worker", "-1"])
     err = _refusal(

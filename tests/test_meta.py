@@ -343,16 +343,19 @@ def test_memory_stays_flat_over_meta_steps():
 
 
 def test_sdpa_without_math_backend_is_refused_for_second_order():
+    """SDPA held to its fused kernel (flash attention's CPU kernel: no double backward, as on a GPU) must be
+    refused in one line; FunctionalLM's own restriction to the math backend must win over the caller's."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     from raymeta.errors import UserError
 
     model = tiny_llama(vocab_size=V)
     model.config._attn_implementation = "sdpa"
-    flm = FunctionalLM(model, math_attention=False)
-    try:
-        flm.check_double_backward()  # CPU SDPA may pick a kernel without double backward
-    except UserError as e:
-        assert "no double backward" in str(e)
-    FunctionalLM(model, math_attention=True).check_double_backward()  # the math backend always works
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        with pytest.raises(UserError, match=r"^model: attention implementation 'sdpa' has no double backward \(") as refused:
+            FunctionalLM(model, math_attention=False).check_double_backward()
+        assert "attn_implementation='eager'" in str(refused.value) and "\n" not in str(refused.value)
+        FunctionalLM(model, math_attention=True).check_double_backward()  # the math backend always works
 
 
 @pytest.mark.parametrize("make", [tiny_gpt2, tiny_llama])

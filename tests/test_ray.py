@@ -1,7 +1,7 @@
 """Ray placement: Ray-task executor vs local, task retries, 1 vs 2 Train workers, worker failure recovery.
 
-One local Ray instance for the module (2 CPUs, no dashboard), shut down at the end: the tests start and
-stop only their own Ray processes.
+The suite's shared embedded cluster (2 CPUs; `ray_local` in conftest): the tests start and stop only
+their own Ray processes.
 """
 
 from __future__ import annotations
@@ -16,14 +16,8 @@ from raymeta.config import load_config
 from raymeta.core.meta import MetaLearner, TaskBatch
 from raymeta.run.api import train
 from raymeta.run.executor import LocalExecutor, RayExecutor
-from tests.conftest import CrashOnce, local_ray, tiny_run_folder, tiny_train_overrides
+from tests.conftest import CrashOnce, tiny_run_folder, tiny_train_overrides
 from tests.test_meta import _batch
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    with local_ray(dashboard=False) as ray:
-        yield ray
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +71,10 @@ def test_ray_executor_gives_the_local_meta_gradient(ray_local, tiny_folder, tmp_
     assert ray_acc.query_loss == pytest.approx(local.query_loss, abs=1e-6)
 
 
-def test_two_workers_follow_the_one_worker_trajectory(ray_local, tiny_folder):
-    one = _weights(train(_cfg(tiny_folder, "one", "num_workers=1"), progress=False))
+def test_two_workers_follow_the_single_process_trajectory(ray_local, tiny_folder, one_thread):
+    """Two Ray Train workers (a shard of the tasks each, their sums all-reduced) against the same run in this
+    process (one BLAS thread, as each worker has)."""
+    one = _weights(train(_cfg(tiny_folder, "one", "distributed=false"), progress=False))
     two = _weights(train(_cfg(tiny_folder, "two", "num_workers=2"), progress=False))
     start = load_file(str(tiny_folder / "model" / "model.safetensors"))
     assert any(not torch.equal(one[n], start[n]) for n in one)
@@ -86,8 +82,11 @@ def test_two_workers_follow_the_one_worker_trajectory(ray_local, tiny_folder):
         torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-6)
 
 
-def test_a_killed_worker_is_restarted_and_the_run_ends_where_an_uninterrupted_one_does(ray_local, tiny_folder, tmp_path):
-    straight = _weights(train(_cfg(tiny_folder, "straight", "num_workers=1", "executor=ray"), progress=False))
+def test_a_killed_worker_is_restarted_and_the_run_ends_where_an_uninterrupted_one_does(
+    ray_local, tiny_folder, tmp_path, one_thread
+):
+    # the uninterrupted run: in this process, its tasks as Ray tasks too (one BLAS thread, as a Train worker has)
+    straight = _weights(train(_cfg(tiny_folder, "straight", "distributed=false", "executor=ray"), progress=False))
     marker = tmp_path / "worker-crashed"
     crashed = _cfg(tiny_folder, "crashed", "num_workers=1", "executor=ray", "max_failures=1", "keep_checkpoints=1")
     final = train(
@@ -160,5 +159,7 @@ def test_the_driver_prints_one_progress_line_per_meta_step(ray_local, tiny_folde
     assert len((tiny_folder / "progress" / "metrics.jsonl").read_text().splitlines()) == 3
     out = capfd.readouterr().out
     lines = [line for line in out.splitlines() if line.startswith("[raymeta] ")]
-    assert [line.split("  ")[0] for line in lines] == [f"[raymeta] maml_en_llm step {s}/3" for s in (1, 2, 3)], out
+    gcs = ray_local.get_runtime_context().gcs_address
+    assert lines[0].startswith(f"[raymeta] Ray: a new embedded cluster of this process at {gcs} (loopback only, token auth)")
+    assert [line.split("  ")[0] for line in lines[1:]] == [f"[raymeta] maml_en_llm step {s}/3" for s in (1, 2, 3)], out
     assert "Loading weights" not in out

@@ -14,7 +14,7 @@ from tests.conftest import make_data_dir, tiny_gpt2
 
 
 @pytest.fixture()
-def two_nodes():
+def two_nodes(no_ray):
     import ray
     from ray.cluster_utils import Cluster
 

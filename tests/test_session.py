@@ -7,12 +7,14 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import re
 import secrets
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -44,51 +46,129 @@ def _listening(processes: list[psutil.Process]) -> list[tuple[str, str, int]]:
     return found
 
 
-def test_the_embedded_cluster_listens_on_loopback_only_and_needs_the_token():
-    import ray
+def test_the_embedded_cluster_listens_on_loopback_only_and_needs_the_token(ray_local):
+    """The suite's shared cluster is one that `connect(None)` started, as every embedded raymeta run starts one."""
+    from raymeta.run.session import connect, describe
 
-    from raymeta.run.session import connect
+    ray = ray_local
+    assert connect(None) is False  # this process's own cluster, not a joined one
+    assert ray.get(ray.remote(lambda: socket.gethostname()).remote())  # a task ran: the cluster is up
+    sockets = _listening([psutil.Process(), *psutil.Process().children(recursive=True)])
+    names = {name for name, _, _ in sockets}
+    assert {"gcs_server", "raylet"} <= names, names  # the servers that matter were seen
+    exposed = [s for s in sockets if not _is_loopback(s[1])]
+    assert not exposed, exposed
+    assert ray.nodes()[0]["NodeManagerAddress"] == "127.0.0.1"
+    assert os.environ["RAY_AUTH_MODE"] == "token"  # Ray's token auth is on for the embedded cluster
+    line = describe()
+    gcs = ray.get_runtime_context().gcs_address
+    assert line.startswith(
+        f"Ray: a new embedded cluster of this process at {gcs} (loopback only, token auth); dashboard http://127.0.0.1:"
+    )
+    dashboard = line.rsplit(" ", 1)[1]
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(f"{dashboard}/api/jobs/", timeout=10)
+    assert refused.value.code in (401, 403)
+    request = urllib.request.Request(
+        f"{dashboard}/api/jobs/", headers={"Authorization": f"Bearer {os.environ['RAY_AUTH_TOKEN']}"}
+    )
+    with urllib.request.urlopen(request, timeout=10) as ok:
+        assert ok.status == 200
 
-    assert not ray.is_initialized()
-    joined = connect(None, dashboard=True, log_to_driver=False, num_cpus=2)
-    try:
-        assert joined is False
-        assert ray.get(ray.remote(lambda: socket.gethostname()).remote())  # a task ran: the cluster is up
-        sockets = _listening([psutil.Process(), *psutil.Process().children(recursive=True)])
-        names = {name for name, _, _ in sockets}
-        assert {"gcs_server", "raylet"} <= names, names  # the servers that matter were seen
-        exposed = [s for s in sockets if not _is_loopback(s[1])]
-        assert not exposed, exposed
-        assert ray.nodes()[0]["NodeManagerAddress"] == "127.0.0.1"
-        assert os.environ["RAY_AUTH_MODE"] == "token"  # Ray's token auth is on for the embedded cluster
-        dashboard = "http://" + ray.get_runtime_context().gcs_address.split(":")[0] + ":8265"
-        with pytest.raises(urllib.error.HTTPError) as refused:
-            urllib.request.urlopen(f"{dashboard}/api/jobs/", timeout=10)
-        assert refused.value.code in (401, 403)
-        request = urllib.request.Request(
-            f"{dashboard}/api/jobs/", headers={"Authorization": f"Bearer {os.environ['RAY_AUTH_TOKEN']}"}
-        )
-        with urllib.request.urlopen(request, timeout=10) as ok:
-            assert ok.status == 200
-    finally:
-        ray.shutdown()
 
-
-def test_a_resource_shortfall_fails_fast_on_an_embedded_cluster_and_warns_on_a_joined_one(recwarn):
-    import ray
-
+def test_a_resource_shortfall_fails_fast_on_an_embedded_cluster_and_warns_on_a_joined_one(ray_local, recwarn):
     from raymeta.errors import UserError
-    from raymeta.run.session import check_resources, connect
+    from raymeta.run.session import check_resources
 
-    connect(None, log_to_driver=False, num_cpus=2)
+    with pytest.raises(UserError, match=r"^training needs 3 CPUs, but the Ray cluster has 2: the run would wait forever"):
+        check_resources(3, 0, joined=False, what="training")
+    assert check_resources(3, 1, joined=True, what="training") is False
+    assert "needs 3 CPUs, but the Ray cluster has 2; 1 GPUs, but the Ray cluster has 0" in str(recwarn.pop().message)
+    assert check_resources(2, 0, joined=False, what="training") is True
+
+
+def _stop(head: subprocess.Popen) -> None:
+    """Stop a `ray start --head --block` and every process it started (never `ray stop`, which would stop
+    every Ray of this user)."""
+    tree = [head, *psutil.Process(head.pid).children(recursive=True)] if head.poll() is None else []
+    for p in tree:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs([psutil.Process(p.pid) for p in tree if psutil.pid_exists(p.pid)], timeout=5)
+    for p in tree:
+        if psutil.pid_exists(p.pid):
+            psutil.Process(p.pid).kill()
+
+
+def test_an_embedded_run_starts_its_own_cluster_beside_a_head_left_running(tmp_path, gpt2_tokenizer):
+    """A user's leftover `ray start --head` (no token, its address in Ray's temp folder, RAY_ADDRESS unset):
+    `raymeta train` without --address runs on a new loopback cluster with its own token and says so; no
+    driver ever connects to the stray head."""
+    temp = Path(tempfile.mkdtemp(prefix="rms-", dir="/tmp"))  # the shell's Ray temp folder (short: socket paths)
+    shell = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH") and k != "RAY_ADDRESS"}
+    shell["RAY_TMPDIR"] = str(temp)
+    port = free_port()
+    head = subprocess.Popen(
+        [
+            RAY,
+            "start",
+            "--head",
+            "--block",
+            f"--port={port}",
+            "--num-cpus=2",
+            "--include-dashboard=false",
+            "--disable-usage-stats",
+        ],
+        env={**shell, "RAY_AUTH_MODE": "disabled"},
+        stdout=(tmp_path / "head.log").open("w"),
+        stderr=subprocess.STDOUT,
+    )
     try:
-        with pytest.raises(UserError, match=r"^training needs 3 CPUs, but the Ray cluster has 2: the run would wait forever"):
-            check_resources(3, 0, joined=False, what="training")
-        assert check_resources(3, 1, joined=True, what="training") is False
-        assert "needs 3 CPUs, but the Ray cluster has 2; 1 GPUs, but the Ray cluster has 0" in str(recwarn.pop().message)
-        assert check_resources(2, 0, joined=False, what="training") is True
+        address_file = temp / "ray" / "ray_current_cluster"
+        for _ in range(180):
+            if address_file.is_file() and address_file.read_text().strip():
+                break
+            time.sleep(0.5)
+        stray = address_file.read_text().strip()
+        assert stray.endswith(f":{port}"), stray  # what a bare ray.init() would have joined
+        stray_session = (temp / "ray" / "session_latest").resolve()
+        tiny_run_folder(tmp_path, gpt2_tokenizer)
+        out = tmp_path / "run"
+        # this process's loop, its tasks as Ray tasks: the cheapest run that starts Ray as `raymeta train` does
+        overrides = tiny_train_overrides(tmp_path / "model", tmp_path / "data", out, "steps=1", "executor=ray")
+        (tmp_path / "train.yaml").write_text("distributed: false\n")
+        run = subprocess.run(
+            [RAYMETA, "train", str(tmp_path / "train.yaml"), *overrides], env=shell, capture_output=True, text=True, timeout=600
+        )
+        assert run.returncode == 0, run.stderr[-3000:]
+        line = next(x for x in run.stdout.splitlines() if x.startswith("[raymeta] Ray: "))
+        match = re.fullmatch(
+            r"\[raymeta\] Ray: a new embedded cluster of this process at 127\.0\.0\.1:(\d+) \(loopback only, token auth\).*", line
+        )
+        assert match and int(match.group(1)) != port, line
+        assert (out / "checkpoints" / "step-000001" / "state.json").is_file()
+        drivers = list((stray_session / "logs").glob("python-core-driver-*"))
+        assert not drivers, drivers  # nothing joined the stray head
     finally:
-        ray.shutdown()
+        _stop(head)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_an_address_that_contradicts_ray_address_is_refused_in_one_line(tmp_path, gpt2_tokenizer, monkeypatch, capsys):
+    from raymeta.cli import main
+
+    tiny_run_folder(tmp_path, gpt2_tokenizer)
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6380")
+    (tmp_path / "c.yaml").write_text("distributed: true\n")
+    args = tiny_train_overrides(tmp_path / "model", tmp_path / "data", tmp_path / "run")
+    capsys.readouterr()
+    assert main(["train", "--quiet", "--address", "127.0.0.1:6379", str(tmp_path / "c.yaml"), *args]) == 2
+    assert capsys.readouterr().err == (
+        "raymeta: error: --address: 127.0.0.1:6379 contradicts RAY_ADDRESS=127.0.0.1:6380 in the environment: unset one of them\n"
+    )
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.fixture()
@@ -158,16 +238,7 @@ def autoscaling_head(tmp_path):
         wait_for_port(port, 90, "the Ray head")
         yield f"127.0.0.1:{port}", env
     finally:
-        tree = [head, *psutil.Process(head.pid).children(recursive=True)] if head.poll() is None else []
-        for p in tree:
-            try:
-                p.terminate()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs([psutil.Process(p.pid) for p in tree if psutil.pid_exists(p.pid)], timeout=20)
-        for p in tree:
-            if psutil.pid_exists(p.pid):
-                psutil.Process(p.pid).kill()
+        _stop(head)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

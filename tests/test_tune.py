@@ -1,8 +1,10 @@
 """Ray Tune + Optuna sweeps: a real 4-trial sweep with ASHA on a tiny model, kill-and-resume of the
 driver, held-out validation, and bad sweep files (one line, exit 2, before any trial starts).
 
-One local Ray instance for the module (2 CPUs, no dashboard); the kill test starts its own `raymeta
-tune` process group and kills only that.
+The suite's shared embedded cluster (2 CPUs, with the dashboard: Ray Train's placement-group cleaner asks
+the state API it serves whether a stopped trial's controller is dead; without it, an ASHA-stopped trial's
+workers' CPUs leak); the kill test's `raymeta tune` starts its own process group and cluster and kills
+only that.
 """
 
 from __future__ import annotations
@@ -24,15 +26,7 @@ from raymeta.config import load_config
 from raymeta.errors import UserError
 from raymeta.run.api import train
 from raymeta.tune import load_sweep, run_sweep
-from tests.conftest import local_ray, make_data_dir, tiny_gpt2
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    # with the dashboard: Ray Train's placement-group cleaner asks the state API (served by the dashboard)
-    # whether a stopped trial's controller is dead; without it, an ASHA-stopped trial's workers' CPUs leak
-    with local_ray(dashboard=True) as ray:
-        yield ray
+from tests.conftest import make_data_dir, tiny_gpt2
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +38,7 @@ def tiny_folder(tmp_path_factory, gpt2_tokenizer):
     return root
 
 
-def _sweep_file(root: Path, name: str, **changes) -> Path:
+def _sweep_file(root: Path, name: str, steps: int = 4, **changes) -> Path:
     spec = {
         "name": name,
         "config": {
@@ -55,7 +49,7 @@ def _sweep_file(root: Path, name: str, **changes) -> Path:
             "k": 2,
             "tasks_per_step": 2,
             "max_length": 256,
-            "steps": 4,
+            "steps": steps,
             "validation": {"tasks": 1, "every": 1, "k": 2, "test_examples": 6},
             "tracking": "tensorboard",
         },
@@ -243,14 +237,45 @@ def test_impossible_resources_fail_before_any_trial(ray_local, tiny_folder):
     assert not (sweep.out / "experiment").exists()
 
 
-def test_cli_bad_sweep_exits_2_with_one_line(tiny_folder):
+def test_cli_bad_sweep_exits_2_with_one_line(tiny_folder, capsys):
+    from raymeta.cli import main
+
     path = _sweep_file(tiny_folder, "badcli", space={"inner.lr": {"loguniform": [0, 1]}})
-    result = subprocess.run([sys.executable, "-m", "raymeta.cli", "tune", str(path)], capture_output=True, text=True)
-    assert result.returncode == 2
-    assert result.stderr.strip().count("\n") == 0 and "space.inner.lr: loguniform: the range must be positive" in result.stderr
+    capsys.readouterr()
+    assert main(["tune", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "space.inner.lr: loguniform: the range must be positive" in err
+    assert not (tiny_folder / "runs" / "badcli").exists()
 
 
 @pytest.mark.parametrize("path", sorted(Path("tune_configs").glob("*.yaml")), ids=lambda p: p.stem)
-def test_shipped_sweeps_load_and_their_spaces_fit_the_config(path):
+def test_shipped_sweeps_load_and_their_spaces_fit_the_config(path, tmp_path):
+    """Points drawn through Optuna (its corners and 24 random ones) become valid trial configs holding them."""
+    import optuna
+
+    from raymeta.config import to_dict
+    from raymeta.tune.sweep import trial_config
+
+    def get_key(cfg, dotted: str):  # type: ignore[no-untyped-def]
+        value = to_dict(cfg)
+        for part in dotted.split("."):
+            value = value[part]
+        return value
+
     sweep = load_sweep(path)
     assert sweep.space and sweep.num_samples >= 1
+    dists = {p.name: p.distribution() for p in sweep.space}
+
+    def corner(end: int) -> dict:
+        return {n: d.choices[end] if hasattr(d, "choices") else (d.low, d.high)[end] for n, d in dists.items()}
+
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    points = [corner(0), corner(-1), *(study.ask(dists).params for _ in range(24))]
+    for n, d in dists.items():  # every choice at least once
+        points += [{**corner(0), n: c} for c in getattr(d, "choices", ())]
+    for params in points:
+        cfg = trial_config(sweep, params, tmp_path / "trial")
+        cfg.validate(f"{path} at {params}")
+        for p in sweep.space:
+            for key, value in p.decode(params[p.name]).items():
+                assert get_key(cfg, key) == (pytest.approx(value) if isinstance(value, float) else value), (key, params)
