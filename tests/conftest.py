@@ -13,6 +13,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -172,20 +173,16 @@ class CrashOnce:
 
 
 @contextlib.contextmanager
-def local_ray(*, dashboard: bool):
-    """A new Ray instance of this test's own (2 CPUs), for a test whose Ray workers need the environment as
-    it is now (an S3 endpoint, a home): the shared one's workers started with the environment of its
-    start. Shut down afterwards; tests never `ray stop`."""
-    import ray
-
-    from raymeta.run.session import connect
-
+def fresh_shared_ray() -> Iterator[Any]:
+    """The shared cluster started anew now, for tests whose Ray workers need the environment as it is now
+    (an S3 endpoint): Ray's workers inherit the environment of the cluster's start. It is stopped again
+    afterwards, so that later tests get one started without that environment. Tests never `ray stop`."""
     SHARED_RAY.down()
-    connect(None, dashboard=dashboard, log_to_driver=False, num_cpus=2)  # as raymeta starts one: loopback, token
+    ray = SHARED_RAY.up()
     try:
         yield ray
     finally:
-        ray.shutdown()
+        SHARED_RAY.down()
 
 
 def free_port() -> int:

@@ -49,6 +49,15 @@ def s3_server():
 
 
 @pytest.fixture(scope="module")
+def s3_ray(s3_server):
+    """One Ray cluster for this module's Ray tests, started once the AWS variables point at the server."""
+    from tests.conftest import fresh_shared_ray
+
+    with fresh_shared_ray() as ray:
+        yield ray
+
+
+@pytest.fixture(scope="module")
 def tiny(tmp_path_factory, gpt2_tokenizer):
     return tiny_run_folder(tmp_path_factory.mktemp("tiny-s3"), gpt2_tokenizer)
 
@@ -93,18 +102,16 @@ def test_a_run_writes_its_folder_to_s3_resumes_from_there_and_evaluates_from_the
     assert not any(p.name.startswith("s3") for p in tmp_path.iterdir())
 
 
-def test_ray_train_stores_checkpoints_on_s3_and_resumes_from_them(s3_server, tiny, tmp_path, monkeypatch):
+def test_ray_train_stores_checkpoints_on_s3_and_resumes_from_them(s3_ray, tiny, tmp_path, monkeypatch):
     from raymeta.config import load_config
     from raymeta.run.api import train
-    from tests.conftest import local_ray
 
     monkeypatch.chdir(tmp_path)
     uri = "s3://runs/ray"
-    with local_ray(dashboard=False):
-        cfg = load_config(None, tiny_train_overrides(tiny / "model", tiny / "data", uri, "steps=2", "executor=local"))
-        assert train(cfg, progress=False) == f"{uri}/checkpoints/step-000002"
-        cfg = load_config(None, tiny_train_overrides(tiny / "model", tiny / "data", uri, "steps=4", "executor=local"))
-        assert train(cfg, resume=True, progress=False) == f"{uri}/checkpoints/step-000004"
+    cfg = load_config(None, tiny_train_overrides(tiny / "model", tiny / "data", uri, "steps=2", "executor=local"))
+    assert train(cfg, progress=False) == f"{uri}/checkpoints/step-000002"
+    cfg = load_config(None, tiny_train_overrides(tiny / "model", tiny / "data", uri, "steps=4", "executor=local"))
+    assert train(cfg, resume=True, progress=False) == f"{uri}/checkpoints/step-000004"
     stored = _objects("ray/")
     assert {"checkpoints/step-000002/state.json", "checkpoints/step-000004/state.json", "placement/rank-0.json"} <= set(stored)
     from raymeta.storage import RunStore
@@ -131,12 +138,11 @@ def test_unreachable_or_missing_storage_is_one_line_before_anything(s3_server, t
     assert not Path("s3:").exists()
 
 
-def test_a_sweep_on_s3_keeps_its_trials_and_experiment_there(s3_server, tmp_path, gpt2_tokenizer, monkeypatch):
+def test_a_sweep_on_s3_keeps_its_trials_and_experiment_there(s3_ray, tmp_path, gpt2_tokenizer, monkeypatch):
     import yaml
 
     from raymeta.storage import RunStore
     from raymeta.tune import load_sweep, run_sweep
-    from tests.conftest import local_ray
 
     monkeypatch.setenv("RAYMETA_HOME", str(tmp_path / "home"))  # the sweep's local staging folder
     tiny_run_folder(tmp_path, gpt2_tokenizer, n_train=4)
@@ -158,8 +164,7 @@ def test_a_sweep_on_s3_keeps_its_trials_and_experiment_there(s3_server, tmp_path
     path.write_text(yaml.safe_dump(spec))
     monkeypatch.chdir(tmp_path)
     sweep = load_sweep(path)
-    with local_ray(dashboard=True):
-        summary = run_sweep(sweep, verbose=0)
+    summary = run_sweep(sweep, verbose=0)
     assert summary["completed"] == 2
     stored = _objects("sweep/")
     assert {"trials.csv", "best_config.yaml", "study.db", "objective.png"} <= set(stored), stored
