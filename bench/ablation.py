@@ -27,7 +27,7 @@ def main() -> None:
     import matplotlib.pyplot as plt
     import yaml
 
-    from raymeta.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+    from raymeta.infra.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
     rows = []
     for folder in sorted((args.sweep / "trials").iterdir()):  # every trial's own run folder (works mid-sweep too)

@@ -32,7 +32,7 @@ def main() -> None:
     import raymeta.core.optim.adam as adam
     from bench.common import bench_model, environment
     from raymeta.core import optim
-    from raymeta.io import atomic_write_json
+    from raymeta.infra.io import atomic_write_json
 
     params = {n: p.detach() for n, p in bench_model(args.model).named_parameters()}
     gen = torch.Generator().manual_seed(0)

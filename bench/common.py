@@ -11,8 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from raymeta import provenance
-from raymeta.provenance import cpu_model_and_flags
+from raymeta.infra import provenance
+from raymeta.infra.provenance import cpu_model_and_flags
 
 __all__ = [
     "bench_model",
@@ -103,7 +103,7 @@ def bench_model(name: str):  # type: ignore[no-untyped-def]
     import torch
 
     if name == "smollm2":
-        from raymeta.models import load_model
+        from raymeta.model.load import load_model
 
         model = load_model("builtin")
     else:
@@ -135,9 +135,9 @@ def evaluate_to_file(
 
     from raymeta.data import open_data
     from raymeta.eval.icl import LossCache, config_record, evaluate_setting, model_fingerprint
-    from raymeta.io import atomic_write_json
-    from raymeta.models import load_model, load_tokenizer
-    from raymeta.paths import paths
+    from raymeta.infra.io import atomic_write_json
+    from raymeta.infra.paths import paths
+    from raymeta.model.load import load_model, load_tokenizer
 
     data = open_data(data_dir)
     setting = data.setting(setting_name)
@@ -151,7 +151,7 @@ def evaluate_to_file(
     began = time.time()
     cache_dir = cache_dir or paths().loss_cache
     if workers:
-        from raymeta.run.parallel_eval import ModelSource, evaluate_parallel
+        from raymeta.eval.on_ray import ModelSource, evaluate_parallel
 
         del model
         source = ModelSource(model_spec, device="cpu")

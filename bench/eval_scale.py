@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import environment
-from raymeta.io import atomic_write_json
+from raymeta.infra.io import atomic_write_json
 
 
 def _measure(workers: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -30,7 +30,7 @@ def _measure(workers: int, args: argparse.Namespace) -> dict[str, Any]:
 
     from raymeta.data import open_data
     from raymeta.eval.icl import EvalConfig, evaluate_setting, model_fingerprint
-    from raymeta.models import load_model, load_tokenizer
+    from raymeta.model.load import load_model, load_tokenizer
 
     data = open_data(None)
     setting = data.setting(args.setting)
@@ -41,7 +41,7 @@ def _measure(workers: int, args: argparse.Namespace) -> dict[str, Any]:
         model, tokenizer = load_model("builtin"), load_tokenizer("builtin")
         results = evaluate_setting(model, tokenizer, data, setting, cfg, cache=None)
     else:
-        from raymeta.run.parallel_eval import ModelSource, evaluate_parallel
+        from raymeta.eval.on_ray import ModelSource, evaluate_parallel
 
         model_id = model_fingerprint(load_model("builtin"))
         results = evaluate_parallel(ModelSource("builtin", device="cpu"), data, setting, cfg, model_id=model_id, workers=workers)

@@ -42,7 +42,7 @@ def _part(name: str, fn: Callable[[], dict[str, Any]], record: dict[str, Any]) -
 def _task_batch(k: int = 2) -> Any:
     from raymeta.config import load_config
     from raymeta.data.prompts import PromptBuilder, PromptFormat
-    from raymeta.models import load_tokenizer
+    from raymeta.model.load import load_tokenizer
     from raymeta.run.loop import _tokenize, build_sampler
 
     cfg = load_config(None, [f"k={k}", "tasks_per_step=1", "max_length_per_example=64", "max_length=256"])
@@ -55,7 +55,7 @@ def _meta_gradient(device: str, precision: str, batch: Any) -> Any:
     import torch
 
     from raymeta.core.meta import InnerConfig, MetaConfig, MetaLearner, task_meta_gradient
-    from raymeta.models import load_model
+    from raymeta.model.load import load_model
 
     model = load_model("builtin", device=device)
     for p in model.parameters():
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from bench.common import environment
-    from raymeta.io import atomic_write_json
+    from raymeta.infra.io import atomic_write_json
 
     if not torch.cuda.is_available():
         print("bench.gpu_smoke: no CUDA device here; nothing to test", file=sys.stderr)

@@ -62,7 +62,7 @@ def one(model_name: str, spec: list, tokens: int, threads: int | None, measure: 
     from raymeta.config import load_config
     from raymeta.core.lm import Batch
     from raymeta.core.meta import MetaLearner, TaskBatch
-    from raymeta.weights import prepare
+    from raymeta.model.weights import prepare
 
     method, lora, k, row_tokens, executor_kind = spec
     tokens = row_tokens or tokens
@@ -78,7 +78,7 @@ def one(model_name: str, spec: list, tokens: int, threads: int | None, measure: 
     if executor_kind == "ray":
         import ray
 
-        from raymeta.models import resolve_model_dir
+        from raymeta.model.load import resolve_model_dir
         from raymeta.run.executor import RayExecutor
 
         ray.init(address="local", include_dashboard=False, log_to_driver=False, num_cpus=2)
@@ -176,7 +176,7 @@ def _ratio(a: dict | None, b: dict | None) -> dict | None:
 
 def _save(args: argparse.Namespace, rows: list[dict]) -> dict:
     from bench.common import environment, memory_measurement
-    from raymeta.io import atomic_write_json
+    from raymeta.infra.io import atomic_write_json
 
     ratios = {}
     for model_name in args.models.split(","):

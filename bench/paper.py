@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import evaluate_to_file
-from raymeta.paths import paths
+from raymeta.infra.paths import paths
 
 SEEDS = (0, 1, 2)
 LR_GRID = (1e-5, 3e-5, 1e-4, 3e-4)
@@ -290,7 +290,7 @@ class Campaign:
         different machines: an AVX2-only EPYC, one with AVX-512); partial/<job>/ goes when the job is done."""
         import torch
 
-        from raymeta.provenance import cpu_model_and_flags
+        from raymeta.infra.provenance import cpu_model_and_flags
 
         path = self.partial(job) / "elapsed.json"
         before = self.spent(job)
@@ -533,7 +533,7 @@ class Campaign:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    from raymeta.io import atomic_write_json
+    from raymeta.infra.io import atomic_write_json
 
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, obj)

@@ -263,7 +263,7 @@ def _write(out: Path, result: dict[str, Any]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from raymeta.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+    from raymeta.infra.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
     atomic_write_json(out / "report.json", result)
     atomic_write_text(out / "report.md", _markdown(result))

@@ -85,7 +85,7 @@ LORA = ["adapter.type=lora", "adapter.r=16", "adapter.alpha=32", "adapter.target
 def _realistic_checkpoint(steps: int, lora: bool) -> Path:
     """A run of `steps` real maml_en_llm meta-steps (shared moments) under raymeta's home; resumed if cut short."""
     from raymeta.config import load_config
-    from raymeta.paths import home
+    from raymeta.infra.paths import home
     from raymeta.run.api import train
     from raymeta.run.checkpoint import latest_checkpoint
 
@@ -118,7 +118,7 @@ def _smollm2_state(state: str, steps: int) -> tuple[Any, Any, Any]:
     from raymeta.config import load_config
     from raymeta.core.lm import FunctionalLM
     from raymeta.core.optim import zeros_state
-    from raymeta.models import load_tokenizer, load_trainable
+    from raymeta.model.load import load_tokenizer, load_trainable
     from raymeta.run.checkpoint import load_optimizer
 
     lora = state.endswith("_lora")
@@ -202,7 +202,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from bench.common import environment
-    from raymeta.io import atomic_write_json
+    from raymeta.infra.io import atomic_write_json
 
     result: dict[str, Any] = {"benchmark": "precision", "rows": []}
     if args.out.is_file():

@@ -26,8 +26,8 @@ from raymeta.data import open_data
 from raymeta.data.prompts import PromptBuilder, PromptFormat, default_max_length
 from raymeta.eval.icl import predictions_from_losses
 from raymeta.eval.scoring import OptionScorer
-from raymeta.io import atomic_write_json
-from raymeta.models import load_model, load_tokenizer
+from raymeta.infra.io import atomic_write_json
+from raymeta.model.load import load_model, load_tokenizer
 
 
 def _case(model: Any, tokenizer: Any, data: Any, args: argparse.Namespace, k: int, variant: str) -> dict[str, Any]:

@@ -105,7 +105,7 @@ def _run_config(name: str, overrides: dict[str, Any], out: Path, base: dict[str,
     (resuming it would mix two configs, and a finished one would be reused as is)."""
     from raymeta.config import TrainConfig, apply_overrides, flatten, to_dict
     from raymeta.errors import UserError
-    from raymeta.io import read_yaml
+    from raymeta.infra.io import read_yaml
 
     cfg = apply_overrides(TrainConfig(), {**base, **overrides, "out": str(out / "runs" / name)}, f"quality:{name}")
     cfg.validate(f"quality:{name}")
@@ -246,7 +246,7 @@ def _plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from raymeta.io import atomic_write_bytes
+    from raymeta.infra.io import atomic_write_bytes
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for ax, variant in zip(axes, ("direct", "channel")):
@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
 
     from bench.common import environment
-    from raymeta.io import atomic_write_json, atomic_write_text
+    from raymeta.infra.io import atomic_write_json, atomic_write_text
 
     size = SIZES[args.size]
     out = (args.out or Path(f"bench/results/quality-{args.size}-{args.setting}")).resolve()

@@ -34,7 +34,7 @@ def executor_step(name: str, executor_kind: str, tokens: int, cpus_per_task: flo
     from raymeta.config import load_config
     from raymeta.core.lm import Batch
     from raymeta.core.meta import MetaLearner, TaskBatch
-    from raymeta.models import resolve_model_dir
+    from raymeta.model.load import resolve_model_dir
     from raymeta.run.executor import LocalExecutor, RayExecutor
 
     model = bench_model(name)
@@ -81,7 +81,7 @@ def fit_overheads(root: Path) -> dict:
     from transformers import GPT2Tokenizer
 
     from raymeta.config import load_config
-    from raymeta.paths import paths
+    from raymeta.infra.paths import paths
     from raymeta.run.api import train
     from tests.conftest import make_data_dir, tiny_gpt2
 
@@ -137,7 +137,7 @@ def main() -> None:
     import ray
 
     from bench.common import environment
-    from raymeta.io import atomic_write_json
+    from raymeta.infra.io import atomic_write_json
 
     executors = []
     cpts = [float(x) for x in args.cpus_per_task.split(",")]

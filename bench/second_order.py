@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     from raymeta.config import load_config
     from raymeta.core.meta import MetaLearner, task_meta_gradient
     from raymeta.data.prompts import PromptBuilder, PromptFormat
-    from raymeta.models import load_tokenizer, load_trainable
+    from raymeta.model.load import load_tokenizer, load_trainable
     from raymeta.run.loop import _tokenize, build_sampler
 
     overrides = [

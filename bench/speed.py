@@ -248,7 +248,7 @@ def main() -> None:
     import torch
 
     from bench.common import environment, memory_env, memory_measurement
-    from raymeta.io import atomic_write_json
+    from raymeta.infra.io import atomic_write_json
 
     def run(*extra: str, env: dict[str, str] | None = None) -> dict:
         cmd = [sys.executable, "-m", "bench.speed", "--tokens", str(args.tokens), "--inner-steps", str(args.inner_steps)]

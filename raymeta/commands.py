@@ -29,13 +29,13 @@ __all__ = [
 
 
 def _quiet_libraries() -> None:
-    from raymeta.models import quiet_libraries  # deferred: it loads torch
+    from raymeta.model.load import quiet_libraries  # deferred: it loads torch
 
     quiet_libraries()
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
-    from raymeta import assets
+    from raymeta.infra import assets
 
     if args.check:
         return 1 if assets.check() else 0
@@ -113,10 +113,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from raymeta.eval.adapt import AdaptConfig
     from raymeta.eval.icl import EvalConfig, LossCache, evaluate_setting, model_fingerprint
     from raymeta.eval.report import markdown_table, plot_results
-    from raymeta.io import atomic_write_json, atomic_write_text
-    from raymeta.models import load_model, load_tokenizer
-    from raymeta.paths import paths
-    from raymeta.provenance import environment
+    from raymeta.infra.io import atomic_write_json, atomic_write_text
+    from raymeta.infra.paths import paths
+    from raymeta.infra.provenance import environment
+    from raymeta.model.load import load_model, load_tokenizer
 
     _quiet_libraries()
     cfg = EvalConfig(
@@ -151,7 +151,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if cache is not None:
             results["loss_cache"] = {"hits": cache.hits, "misses": cache.misses}
     else:
-        from raymeta.run.parallel_eval import ModelSource, evaluate_parallel
+        from raymeta.eval.on_ray import ModelSource, evaluate_parallel
 
         # the driver loads the model on the CPU once, for its fingerprint (the loss cache's key), and lets it go
         model_id = model_fingerprint(
@@ -196,7 +196,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from raymeta.config import load_config
     from raymeta.run.api import train
-    from raymeta.run.report import all_steps_skipped, metrics_table
+    from raymeta.run.curves import all_steps_skipped, metrics_table
 
     _quiet_libraries()
     cfg = load_config(args.config, args.overrides)
@@ -228,8 +228,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
+    from raymeta.infra.storage import is_uri
     from raymeta.run.plots import plot_runs
-    from raymeta.storage import is_uri
 
     out = args.out
     if out is None:
@@ -273,9 +273,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_cluster_check(args: argparse.Namespace) -> int:
-    from raymeta.cluster import Report, check_cluster_file
-    from raymeta.io import read_yaml
-    from raymeta.kube import check_dockerfile, check_manifest, is_manifest
+    from raymeta.infra.cluster import Report, check_cluster_file
+    from raymeta.infra.io import read_yaml
+    from raymeta.infra.kube import check_dockerfile, check_manifest, is_manifest
 
     docs: dict[Path, Any] = {}
     for path in args.files:  # every file read first: a RayJob may select a RayCluster of a later file
@@ -326,7 +326,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     comparison = compare(label_a, load_results(args.a), label_b, load_results(args.b), half_width=args.half_width / 100)
     print(compare_table(comparison))
     if args.json:
-        from raymeta.io import atomic_write_json
+        from raymeta.infra.io import atomic_write_json
 
         atomic_write_json(args.json, comparison)
         print(f"comparison: {args.json}")

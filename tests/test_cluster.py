@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from raymeta.cluster import check_cluster_file
+from raymeta.infra.cluster import check_cluster_file
 from tests.conftest import free_port, make_data_dir, tiny_gpt2
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -32,7 +32,7 @@ def _files(root: Path) -> dict[str, tuple[int, int, int]]:
 
 
 def test_fetch_is_idempotent_and_verified(assets, tmp_path, capsys):
-    from raymeta.assets import _manifest_ok
+    from raymeta.infra.assets import _manifest_ok
 
     manifest = json.loads((assets.smollm2 / "raymeta_manifest.json").read_text())
     assert 2.0 < manifest["sanity_loss"] < 3.2  # PLATFORM.md: about 2.6 on "The capital of France is Paris."

@@ -359,7 +359,7 @@ def _hub_cache(cache: Path, repo: str, model_dir: Path, commit: str, *, bin_only
 def test_hub_ids_resolve_offline_from_the_hub_cache_with_revision_pinning(tiny_folder, tmp_path, monkeypatch, capsys):
     from huggingface_hub import constants
 
-    from raymeta.models import load_model, load_tokenizer, resolve_model_dir
+    from raymeta.model.load import load_model, load_tokenizer, resolve_model_dir
 
     cache = tmp_path / "hub"
     main_commit, old_commit = "a" * 40, "b" * 40

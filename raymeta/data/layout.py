@@ -23,7 +23,7 @@ from typing import Any
 import datasets
 
 from raymeta.errors import UserError
-from raymeta.paths import paths
+from raymeta.infra.paths import paths
 
 __all__ = [
     "DEFAULT_SEEDS",

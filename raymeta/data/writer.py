@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from raymeta.data.layout import DEFAULT_SEEDS, POOL_K, POOL_SEED, Example
-from raymeta.io import atomic_write_json, atomic_write_text
+from raymeta.infra.io import atomic_write_json, atomic_write_text
 
 __all__ = ["ConvertedTask", "write_task"]
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from raymeta.data.prompts import Scored
-from raymeta.io import atomic_write_json
+from raymeta.infra.io import atomic_write_json
 
 __all__ = ["LossCache", "model_fingerprint"]
 

@@ -10,7 +10,7 @@ it is computed from are kept in the results, so `raymeta compare` can pair two e
 
 The work is cut into units, one per (variant, task, seed) and mode (both modes in one unit when the
 model is adapted first, since they share the adapted weights); `plan` makes them, `score_unit` runs one
-(in this process or in a Ray worker, `raymeta.run.parallel_eval`), `assemble` turns their results into the
+(in this process or in a Ray worker, `raymeta.eval.on_ray`), `assemble` turns their results into the
 results dict, whatever order they finished in.
 """
 

@@ -23,15 +23,15 @@ from raymeta.core.device import resolve_device
 from raymeta.data import open_data
 from raymeta.errors import UserError
 from raymeta.eval.icl import EvalConfig, LossCache, evaluate_setting
-from raymeta.models import check_weights, load_model, load_tokenizer, resolve_model_dir
-from raymeta.paths import paths
+from raymeta.infra.paths import paths
+from raymeta.infra.ray_session import connect, describe, joined_address
+from raymeta.infra.storage import RunStore
+from raymeta.model.load import check_weights, load_model, load_tokenizer, resolve_model_dir
 from raymeta.run.checkpoint import latest_step, usable_checkpoint
 from raymeta.run.distributed import fit
 from raymeta.run.lock import clean_orphans, run_lock
 from raymeta.run.loop import Placement, StepHook, build_sampler, run_loop
-from raymeta.run.session import connect, describe, joined_address
 from raymeta.run.tracking import check_tracking
-from raymeta.storage import RunStore
 
 __all__ = ["evaluate", "train"]
 

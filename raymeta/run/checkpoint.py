@@ -7,7 +7,7 @@
     manifest.json            every other file's size and sha256, written last
 
 Written from the weights as they are after a meta-step, read back exactly (bit for bit on CPU). The
-run folder may be on object storage (`raymeta.storage.RunStore`): a checkpoint counts once its
+run folder may be on object storage (`raymeta.infra.storage.RunStore`): a checkpoint counts once its
 state.json is there, and is trusted for a resume once every file matches its manifest
 (`usable_checkpoint` falls back to the newest one that does, with a warning). Checkpoints written
 before manifests existed (no `format` in state.json) are checked for their files only.
@@ -26,9 +26,9 @@ from safetensors.torch import load_file, save_file
 
 from raymeta.core.optim import AdamState
 from raymeta.errors import UserError
-from raymeta.io import atomic_write_json, sha256_file
-from raymeta.storage import RunStore, stage
-from raymeta.weights import base_fingerprint, is_adapter_folder, write_base_record
+from raymeta.infra.io import atomic_write_json, sha256_file
+from raymeta.infra.storage import RunStore, stage
+from raymeta.model.weights import base_fingerprint, is_adapter_folder, write_base_record
 
 __all__ = [
     "latest_checkpoint",

@@ -34,10 +34,10 @@ from ray.util.metrics import Gauge
 from raymeta.config import TrainConfig, apply_overrides, to_dict, with_absolute_paths
 from raymeta.core.meta import Accumulator, MetaLearner, host_values
 from raymeta.errors import UserError
+from raymeta.infra.ray_session import check_resources, connect, describe, progress_while_short
+from raymeta.infra.storage import RunStore
 from raymeta.run.checkpoint import local_checkpoint
 from raymeta.run.loop import Placement, StepHook, progress_line, run_loop
-from raymeta.run.session import check_resources, connect, describe, progress_while_short
-from raymeta.storage import RunStore
 
 __all__ = ["all_reduce", "fit"]
 

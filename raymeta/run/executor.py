@@ -27,8 +27,8 @@ from raymeta.config import TrainConfig
 from raymeta.core.lm import FunctionalLM
 from raymeta.core.meta import Accumulator, MetaConfig, MetaLearner, TaskBatch, TaskResult, task_meta_gradient
 from raymeta.core.optim import AdamState
-from raymeta.models import load_model
-from raymeta.weights import WeightsConfig, prepare
+from raymeta.model.load import load_model
+from raymeta.model.weights import WeightsConfig, prepare
 
 __all__ = ["LocalExecutor", "RayExecutor", "make_executor"]
 

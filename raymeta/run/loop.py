@@ -32,12 +32,12 @@ from raymeta.core.meta import Accumulator, MetaLearner, TaskBatch
 from raymeta.data import open_data
 from raymeta.data.prompts import PromptBuilder, PromptFormat, make_batch
 from raymeta.data.sampler import MetaBatchSampler, TaskSample
-from raymeta.models import load_tokenizer, load_trainable, resolve_model_dir
+from raymeta.infra.storage import RunStore
+from raymeta.model.load import load_tokenizer, load_trainable, resolve_model_dir
 from raymeta.run.checkpoint import load_optimizer, prune_checkpoints, write_checkpoint
 from raymeta.run.executor import make_executor
 from raymeta.run.tracking import open_tracker
 from raymeta.run.validation import HeldOut, held_out_data, held_out_tasks, validate
-from raymeta.storage import RunStore
 
 __all__ = ["Placement", "StepHook", "build_sampler", "progress_line", "run_loop"]
 

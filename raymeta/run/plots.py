@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from raymeta.errors import UserError
-from raymeta.io import atomic_write_bytes
-from raymeta.storage import RunStore
+from raymeta.infra.io import atomic_write_bytes
+from raymeta.infra.storage import RunStore
 
 __all__ = ["PANELS", "load_curves", "plot_runs"]
 

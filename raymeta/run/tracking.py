@@ -27,7 +27,7 @@ import yaml
 
 from raymeta.config import TRACKERS, TrainConfig, flatten, to_dict
 from raymeta.errors import UserError
-from raymeta.storage import RunStore, is_uri
+from raymeta.infra.storage import RunStore, is_uri
 
 __all__ = ["TRACKERS", "Tracker", "check_tracking", "mlflow_uri", "open_tracker"]
 

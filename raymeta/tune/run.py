@@ -19,13 +19,13 @@ from ray.tune.search.optuna import OptunaSearch
 
 from raymeta.config import PlacementConfig
 from raymeta.errors import UserError
-from raymeta.models import resolve_model_dir
+from raymeta.infra.ray_session import check_resources, connect, describe, joined_address, progress_while_short
+from raymeta.infra.storage import RunStore
+from raymeta.model.load import resolve_model_dir
 from raymeta.run.api import train
 from raymeta.run.checkpoint import latest_checkpoint
 from raymeta.run.loop import build_sampler
-from raymeta.run.session import check_resources, connect, describe, joined_address, progress_while_short
-from raymeta.storage import RunStore
-from raymeta.tune.report import write_outputs
+from raymeta.tune.outputs import write_outputs
 from raymeta.tune.space import encode
 from raymeta.tune.sweep import Sweep, trial_config
 

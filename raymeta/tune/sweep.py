@@ -15,9 +15,9 @@ from typing import Any
 
 from raymeta.config import TrainConfig, apply_overrides, set_key, to_dict
 from raymeta.errors import UserError
-from raymeta.io import read_yaml
-from raymeta.paths import paths
-from raymeta.storage import is_uri
+from raymeta.infra.io import read_yaml
+from raymeta.infra.paths import paths
+from raymeta.infra.storage import is_uri
 from raymeta.tune.space import Param, number, parse_space
 
 __all__ = ["METRICS", "SEARCHES", "Sweep", "load_sweep", "trial_config"]

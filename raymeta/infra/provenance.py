@@ -39,7 +39,7 @@ def cpu_model_and_flags() -> dict[str, Any]:
 def git_commit() -> str | None:
     """The commit of the raymeta source tree this process runs (with `+dirty` for uncommitted changes),
     or None when raymeta is not run from a git checkout (an installed wheel)."""
-    source = Path(__file__).resolve().parent.parent
+    source = Path(__file__).resolve().parents[2]
     if not (source / ".git").exists():
         return None
     try:

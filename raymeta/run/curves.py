@@ -6,7 +6,7 @@ import json
 import math
 from pathlib import Path
 
-from raymeta.storage import RunStore
+from raymeta.infra.storage import RunStore
 
 __all__ = ["all_steps_skipped", "metrics_table"]
 

@@ -36,8 +36,8 @@ from tqdm import tqdm
 from raymeta.data import bigbench, builtin
 from raymeta.data.sources import DATA_PACKAGES, Archive, Package
 from raymeta.errors import UserError
-from raymeta.io import atomic_dir, atomic_write_json, sha256_file
-from raymeta.paths import Paths, paths
+from raymeta.infra.io import atomic_dir, atomic_write_json, sha256_file
+from raymeta.infra.paths import Paths, paths
 
 __all__ = [
     "PACKAGES",

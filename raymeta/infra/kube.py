@@ -21,9 +21,9 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from raymeta.cluster import _SECRET_PATTERNS, Report, _walk
 from raymeta.errors import UserError
-from raymeta.storage import is_uri
+from raymeta.infra.cluster import _SECRET_PATTERNS, Report, _walk
+from raymeta.infra.storage import is_uri
 
 __all__ = ["check_dockerfile", "check_manifest", "is_manifest"]
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from raymeta.errors import UserError
-from raymeta.io import read_yaml
+from raymeta.infra.io import read_yaml
 
 __all__ = ["Report", "check_cluster_file"]
 

@@ -34,7 +34,7 @@ __all__ = ["ModelSource", "evaluate_parallel"]
 
 @dataclass(frozen=True)
 class ModelSource:
-    """How a worker loads the model: the arguments of `raymeta.models.load_model`."""
+    """How a worker loads the model: the arguments of `raymeta.model.load.load_model`."""
 
     spec: str
     dtype: str = "float32"
@@ -50,7 +50,7 @@ class _Worker:
 
         from raymeta.core.device import resolve_device
         from raymeta.eval.cache import LossCache
-        from raymeta.models import load_model, load_tokenizer, quiet_libraries
+        from raymeta.model.load import load_model, load_tokenizer, quiet_libraries
 
         quiet_libraries()
         torch.set_num_threads(threads)
@@ -94,7 +94,7 @@ def evaluate_parallel(
     """`evaluate_setting` with the units spread over `workers` Ray actors (an embedded local cluster
     unless `address` or $RAY_ADDRESS names one). Returns the same results dict, plus `workers` and the
     loss cache's hits and misses over all workers."""
-    from raymeta.run.session import check_resources, connect, describe, joined_address, progress_while_short
+    from raymeta.infra.ray_session import check_resources, connect, describe, joined_address, progress_while_short
 
     joined_address(address)  # --address against $RAY_ADDRESS: one line, before anything
     units = plan(data, setting, cfg)  # reads and validates the data before Ray starts

@@ -1,5 +1,5 @@
 """Loading a causal LM and its tokenizer: the built-in SmolLM2, any Hugging Face folder, a hub id
-(`ORG/NAME[@REVISION]`, see `raymeta.hub`), a checkpoint, or a PEFT adapter folder (a LoRA checkpoint)
+(`ORG/NAME[@REVISION]`, see `raymeta.infra.hub`), a checkpoint, or a PEFT adapter folder (a LoRA checkpoint)
 on the base model it names.
 
 Loading reads local folders only (`local_files_only=True`) and `trust_remote_code` stays off: a hub id
@@ -18,10 +18,10 @@ import torch
 
 from raymeta.core.lm import hf_model
 from raymeta.errors import UserError
-from raymeta.hub import is_hub_id, snapshot
-from raymeta.paths import paths
-from raymeta.storage import is_uri, stage
-from raymeta.weights import BASE_FILE, WeightsConfig, is_adapter_folder, load_adapter, prepare, restrict
+from raymeta.infra.hub import is_hub_id, snapshot
+from raymeta.infra.paths import paths
+from raymeta.infra.storage import is_uri, stage
+from raymeta.model.weights import BASE_FILE, WeightsConfig, is_adapter_folder, load_adapter, prepare, restrict
 
 __all__ = ["BUILTIN", "adapter_base", "check_weights", "load_model", "load_tokenizer", "load_trainable", "resolve_model_dir"]
 

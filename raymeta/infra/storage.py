@@ -25,8 +25,8 @@ from pathlib import Path
 import pyarrow.fs as pafs
 
 from raymeta.errors import UserError
-from raymeta.io import atomic_dir, atomic_write_bytes, atomic_write_text
-from raymeta.paths import paths
+from raymeta.infra.io import atomic_dir, atomic_write_bytes, atomic_write_text
+from raymeta.infra.paths import paths
 
 __all__ = ["RunStore", "is_uri", "stage"]
 

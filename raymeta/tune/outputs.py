@@ -18,8 +18,8 @@ import optuna
 import yaml
 
 from raymeta.config import to_dict
-from raymeta.io import atomic_write_bytes, atomic_write_text
-from raymeta.storage import RunStore
+from raymeta.infra.io import atomic_write_bytes, atomic_write_text
+from raymeta.infra.storage import RunStore
 from raymeta.tune.sweep import Sweep, trial_config
 
 matplotlib.use("Agg")
