@@ -43,12 +43,12 @@ def _task_batch(k: int = 2) -> Any:
     from raymeta.config import load_config
     from raymeta.data.prompts import PromptBuilder, PromptFormat
     from raymeta.model.load import load_tokenizer
-    from raymeta.run.loop import _tokenize, build_sampler
+    from raymeta.run.trainer import build_sampler, tokenize
 
     cfg = load_config(None, [f"k={k}", "tasks_per_step=1", "max_length_per_example=64", "max_length=256"])
     sampler, _ = build_sampler(cfg, None)
     builder = PromptBuilder(load_tokenizer("builtin"), PromptFormat("direct", 64, 256))
-    return _tokenize(sampler.sample()[0], builder)
+    return tokenize(sampler.sample()[0], builder)
 
 
 def _meta_gradient(device: str, precision: str, batch: Any) -> Any:

@@ -71,12 +71,12 @@ def _gradient(flm: Any, params: Any, state: Any, batch: Any, method: str, precis
 def _real_batch(tokenizer: Any) -> Any:
     from raymeta.config import load_config
     from raymeta.data.prompts import PromptBuilder, PromptFormat
-    from raymeta.run.loop import _tokenize, build_sampler
+    from raymeta.run.trainer import build_sampler, tokenize
 
     cfg = load_config(None, ["k=4", "max_length=256", "max_length_per_example=64", "tasks_per_step=2", "seed=7"])
     sampler, _ = build_sampler(cfg, None)
     builder = PromptBuilder(tokenizer, PromptFormat("direct", 64, 256))
-    return _tokenize(sampler.sample()[0], builder)
+    return tokenize(sampler.sample()[0], builder)
 
 
 LORA = ["adapter.type=lora", "adapter.r=16", "adapter.alpha=32", "adapter.target_modules=all-linear"]

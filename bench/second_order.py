@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     from raymeta.core.meta import MetaLearner, task_meta_gradient
     from raymeta.data.prompts import PromptBuilder, PromptFormat
     from raymeta.model.load import load_tokenizer, load_trainable
-    from raymeta.run.loop import _tokenize, build_sampler
+    from raymeta.run.trainer import build_sampler, tokenize
 
     overrides = [
         f"model={args.model}",
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     builder = PromptBuilder(load_tokenizer(args.model), PromptFormat(t.variant, t.max_length_per_example, t.max_length))  # type: ignore[arg-type]
 
     def batches():  # type: ignore[no-untyped-def]
-        return [_tokenize(s, builder) for s in sampler.sample()]
+        return [tokenize(s, builder) for s in sampler.sample()]
 
     def mean_grad(method: str, lr: float, tasks) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
         meta = dataclasses.replace(cfg.meta, method=method, inner=dataclasses.replace(cfg.meta.inner, lr=lr))

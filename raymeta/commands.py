@@ -111,12 +111,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from raymeta.core.device import resolve_device
     from raymeta.data import open_data
     from raymeta.eval.adapt import AdaptConfig
-    from raymeta.eval.icl import EvalConfig, LossCache, evaluate_setting, model_fingerprint
+    from raymeta.eval.icl import EvalConfig, model_fingerprint
     from raymeta.eval.report import markdown_table, plot_results
     from raymeta.infra.io import atomic_write_json, atomic_write_text
     from raymeta.infra.paths import paths
     from raymeta.infra.provenance import environment
-    from raymeta.model.load import load_model, load_tokenizer
+    from raymeta.model.load import load_model
 
     _quiet_libraries()
     cfg = EvalConfig(
@@ -142,14 +142,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     samples: list[dict] | None = [] if args.log_samples else None
     started = time.time()
     if args.workers is None:
-        tokenizer = load_tokenizer(args.model, args.home)
-        model = load_model(
-            args.model, dtype=args.dtype, device=device, root=args.home, base_model=args.base_model, merge=args.merge
+        from raymeta.run.api import evaluate
+
+        results = evaluate(
+            args.model,
+            setting=setting.name,
+            data=data,
+            config=cfg,
+            cache=not args.no_cache,
+            progress=not args.quiet,
+            root=args.home,
+            device=str(device),
+            dtype=args.dtype,
+            base_model=args.base_model,
+            merge=args.merge,
+            samples=samples,
         )
-        cache = LossCache(cache_dir) if cache_dir is not None else None
-        results = evaluate_setting(model, tokenizer, data, setting, cfg, cache=cache, progress=not args.quiet, samples=samples)
-        if cache is not None:
-            results["loss_cache"] = {"hits": cache.hits, "misses": cache.misses}
     else:
         from raymeta.eval.on_ray import ModelSource, evaluate_parallel
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import reprlib
 from typing import Any
 
-__all__ = ["MAX_LINE", "UserError", "echo"]
+__all__ = ["MAX_LINE", "UserError", "echo", "first_line"]
 
 MAX_LINE = 600  # an error line never echoes more (a YAML alias bomb once made one of 58 MB)
 
@@ -23,6 +23,16 @@ _ECHO.maxlevel, _ECHO.maxlist, _ECHO.maxtuple, _ECHO.maxdict, _ECHO.maxstring, _
 def echo(value: Any) -> str:
     """A bad value as an error message shows it: its repr, cut short (huge or deeply nested values stay cheap)."""
     return _ECHO.repr(value)
+
+
+def first_line(e: BaseException, *, limit: int = 300, with_type: bool = False) -> str:
+    """A library's exception as a clause of a one-line error: its first line, cut at `limit` characters
+    (prefixed with its type when `with_type`); its type alone when it has no message."""
+    text = str(e).strip()
+    if not text:
+        return type(e).__name__
+    line = text.splitlines()[0][:limit]
+    return f"{type(e).__name__}: {line}" if with_type else line
 
 
 class UserError(Exception):

@@ -50,7 +50,7 @@ class DeviceAudit(TorchDispatchMode):
 def host_reads_on_meta(monkeypatch):
     """A meta tensor has no value: its host reads return a stand-in (1.0, finite)."""
     import raymeta.core.meta as meta
-    import raymeta.run.distributed as distributed
+    import raymeta.run.ray_train as distributed
 
     def item(t):
         return 1.0 if t.is_meta else float(t.detach())
@@ -92,7 +92,7 @@ def test_a_meta_step_keeps_every_tensor_on_the_models_device(host_reads_on_meta,
 def test_the_all_reduce_sends_device_tensors_only(host_reads_on_meta):
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from raymeta.run.distributed import all_reduce
+    from raymeta.run.ray_train import all_reduce
 
     model = tiny_llama(vocab_size=V).to("meta")
     for p in model.parameters():

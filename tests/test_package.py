@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -195,3 +196,23 @@ def test_errors_name_the_key_as_the_user_wrote_it(tmp_path, capsys):
     assert main(["eval", "--data", str(data), "--setting", "toy", "--truncation", "both"]) == 2
     assert capsys.readouterr().err == "raymeta: error: --truncation: expected one of metaicl, shared, got 'both'\n"
     assert not (tmp_path / "run").exists()
+
+
+def test_private_ray_lives_in_ray_compat_and_is_all_there():
+    """No module but `raymeta/ray_compat.py` reaches into Ray's internals; every internal it uses exists on the
+    installed Ray (an upgrade that moved one fails here, loudly, before any run degrades)."""
+    import ray
+
+    from raymeta import ray_compat
+
+    private = re.compile(r"\bray\.(?:\w+\.)*_(?:private|internal)\b|\bray\._private\b")
+    offenders = [
+        f"{path.relative_to(PACKAGE.parent)}:{n}"
+        for path in PACKAGE.rglob("*.py")
+        if path.name != "ray_compat.py"
+        for n, line in enumerate(path.read_text().splitlines(), start=1)
+        if private.search(line) and not line.lstrip().startswith("#")
+    ]
+    assert not offenders, offenders
+    assert ray_compat.missing() == [], f"Ray {ray.__version__} moved internals raymeta uses: {ray_compat.missing()}"
+    assert ray.__version__ == ray_compat.TESTED_RAY, f"Ray {ray.__version__}: re-check raymeta/ray_compat.py, then TESTED_RAY"

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from raymeta.config import load_config
 from raymeta.core.meta import MetaLearner, TaskBatch
+from raymeta.errors import UserError
 from raymeta.run.api import train
 from raymeta.run.executor import LocalExecutor, RayExecutor
 from tests.conftest import CrashOnce, tiny_run_folder, tiny_train_overrides
@@ -99,6 +100,27 @@ def test_a_killed_worker_is_restarted_and_the_run_ends_where_an_uninterrupted_on
         assert torch.equal(recovered[name], straight[name]), name
     steps = [line for line in (tiny_folder / "crashed" / "metrics.jsonl").read_text().splitlines() if line]
     assert len(steps) == 4  # step 3 was redone from the checkpoint at step 2, and logged once
+
+
+class RefuseInWorker:
+    """An after-step hook that finds bad input where only a worker can (picklable: it travels to Ray Train)."""
+
+    def __init__(self, calls: Path) -> None:
+        self.calls = str(calls)
+
+    def __call__(self, rank: int, record: dict) -> None:
+        with open(self.calls, "a") as f:
+            f.write(f"{rank} {record['step']}\n")
+        raise UserError("found only in a worker", key="validation.k")
+
+
+def test_a_user_error_in_a_worker_is_its_one_line_and_spends_no_restart(ray_local, tiny_folder, tmp_path):
+    calls = tmp_path / "calls"
+    cfg = _cfg(tiny_folder, "refused", "num_workers=1", "executor=local", "max_failures=2")
+    with pytest.raises(UserError) as e:
+        train(cfg, progress=False, after_step=RefuseInWorker(calls))
+    assert str(e.value) == "validation.k: found only in a worker"
+    assert calls.read_text() == "0 1\n"  # called once: Ray Train restarted nothing
 
 
 def test_bad_setup_fails_on_the_driver_in_one_line_before_ray_starts(tiny_folder, capsys):

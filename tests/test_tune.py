@@ -98,7 +98,7 @@ def test_validation_holds_tasks_out_and_reports_scores(tiny_folder, tmp_path):
             "validation.seeds=2",
         ],
     )
-    from raymeta.run.loop import build_sampler as _sampler
+    from raymeta.run.trainer import build_sampler as _sampler
 
     sampler, held = _sampler(cfg, None)
     assert held is not None
@@ -153,7 +153,7 @@ def test_sweep_runs_trials_in_the_space_stops_some_early_and_its_best_config_tra
         curve = scalars(sweep.out / "trials" / row["trial_id"] / "tensorboard")["meta_loss"]
         metrics = [json.loads(x) for x in (sweep.out / "trials" / row["trial_id"] / "metrics.jsonl").read_text().splitlines()]
         # a trial Tune stopped can be killed with its step in flight logged to metrics.jsonl but not yet flushed to
-        # the event file (flushed at each checkpoint): then the curve holds every step Tune saw and may lack that one
+        # the event file (flushed at each report and checkpoint): then the curve holds every step Tune saw and may lack that one
         kept = metrics if row["status"] == "completed" else metrics[: max(len(curve), int(row["reports"]))]
         assert curve == {m["step"]: pytest.approx(m["meta_loss"]) for m in kept}
 

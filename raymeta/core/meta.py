@@ -141,6 +141,12 @@ class MetaConfig:
                 )
         return self
 
+    @property
+    def shares_moments(self) -> bool:
+        """Whether the tasks' final inner moments become the outer optimizer's (`shared`; MetaICL has no
+        inner loop to take them from)."""
+        return self.moment_policy == "shared" and self.method != "metaicl"
+
     def inner_spec(self) -> OptimizerSpec:
         return OptimizerSpec(self.inner.optimizer, self.inner.lr, self.betas, self.eps, self.eps_root, self.weight_decay)
 
@@ -229,7 +235,7 @@ def task_meta_gradient(
                 theta = {n: t.detach().requires_grad_() for n, t in theta.items()}
                 state = detached(state) if state is not None else None
     # only `shared` reads the final inner moments: keeping them otherwise costs two model-sized buffers
-    final_state = detached(state) if state is not None and cfg.moment_policy == "shared" else None
+    final_state = detached(state) if state is not None and cfg.shares_moments else None
     del state, grads, loss  # the graph keeps what the meta-gradient needs; drop the rest before the query pass
 
     with autocast(query_bf16):
@@ -323,6 +329,12 @@ class MetaLearner:
         )
         self.skipped = 0
 
+    @property
+    def shares_moments(self) -> bool:
+        """Whether the outer step takes the tasks' mean final inner moments (`moment_policy: shared`, an
+        outer optimizer with moments, and inner loops to take them from)."""
+        return self.state is not None and self.cfg.shares_moments
+
     def accumulate(self, batches: Sequence[TaskBatch], acc: Accumulator | None = None) -> Accumulator:
         """Run the tasks one at a time (one graph alive at most) and sum their results."""
         acc = acc or Accumulator()
@@ -346,7 +358,8 @@ class MetaLearner:
             return StepMetrics(support, query, norm, True, acc.n_tokens)
         if self.cfg.grad_clip and norm > self.cfg.grad_clip:
             meta = {nm: g * (self.cfg.grad_clip / norm) for nm, g in meta.items()}
-        if self.cfg.moment_policy == "shared" and self.state is not None and self.cfg.method != "metaicl":
+        if self.shares_moments:
+            assert self.state is not None
             self.state = AdamState(
                 {nm: t / n for nm, t in acc.m.items()},
                 {nm: t / n for nm, t in acc.v.items()},

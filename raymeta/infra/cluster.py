@@ -59,15 +59,12 @@ def _ray_checks(config: dict[str, Any], report: Report) -> dict[str, Any] | None
     import logging  # deferred with the two below: Ray's autoscaler modules load only to check a file
 
     import jsonschema
-    from ray.autoscaler._private.util import prepare_config, translate_trivial_legacy_config, validate_config
+
+    from raymeta.ray_compat import prepare_cluster_config
 
     logging.getLogger("ray.autoscaler").setLevel(logging.WARNING)  # prepare_config logs its defaults at INFO
     try:
-        config = copy.deepcopy(config)
-        translate_trivial_legacy_config(config)
-        prepared = prepare_config(config)
-        validate_config(prepared)
-        return prepared
+        return prepare_cluster_config(copy.deepcopy(config))
     except jsonschema.ValidationError as e:
         key = ".".join(str(p) for p in e.absolute_path) or "(top level)"
         report.errors.append(f"{key}: {e.message} (Ray's cluster schema)")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from raymeta.errors import UserError
+from raymeta.errors import UserError, first_line
 from raymeta.infra.io import atomic_dir, atomic_write_bytes, atomic_write_text
 from raymeta.infra.paths import paths
 
@@ -43,12 +43,7 @@ def _open(uri: str, key: str) -> tuple[pafs.FileSystem, str]:
     try:
         return pafs.FileSystem.from_uri(uri)
     except (OSError, ValueError) as e:
-        raise UserError(f"{uri}: cannot open this storage ({_first_line(e)})", key=key) from None
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else type(e).__name__
+        raise UserError(f"{uri}: cannot open this storage ({first_line(e)})", key=key) from None
 
 
 class RunStore:
@@ -92,7 +87,7 @@ class RunStore:
                 f.write(b"raymeta")
             self.fs.delete_file(self._path(probe))
         except OSError as e:
-            raise UserError(f"{self.location}: cannot write to this storage ({_first_line(e)})", key=self.key) from None
+            raise UserError(f"{self.location}: cannot write to this storage ({first_line(e)})", key=self.key) from None
 
     # --- files -------------------------------------------------------------------------------------
     def exists(self, rel: str) -> bool:
@@ -135,7 +130,7 @@ class RunStore:
         try:
             infos = self.fs.get_file_info(pafs.FileSelector(self._path(rel), allow_not_found=True))
         except OSError as e:
-            raise UserError(f"{self.uri(rel)}: cannot list ({_first_line(e)})", key=self.key) from None
+            raise UserError(f"{self.uri(rel)}: cannot list ({first_line(e)})", key=self.key) from None
         return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
 
     def delete_dir(self, rel: str) -> None:

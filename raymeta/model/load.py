@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from raymeta.core.lm import hf_model
-from raymeta.errors import UserError
+from raymeta.errors import UserError, first_line
 from raymeta.infra.hub import is_hub_id, snapshot
 from raymeta.infra.paths import paths
 from raymeta.infra.storage import is_uri, stage
@@ -69,11 +69,6 @@ def adapter_base(folder: Path) -> str:
     return str(name)
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
-
-
 def quiet_libraries() -> None:
     """Transformers' info logs and progress bars off, tokenizers' thread pool off (we fork and use Ray)."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -119,7 +114,9 @@ def load_model(
     try:
         model: Any = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     except Exception as e:  # noqa: BLE001 - whatever the file is (truncated safetensors, a refused pickle), one line
-        raise UserError(f"{spec}: cannot load a causal LM from {folder} ({_first_line(e)})", key="model") from None
+        raise UserError(
+            f"{spec}: cannot load a causal LM from {folder} ({first_line(e, limit=200, with_type=True)})", key="model"
+        ) from None
     return model.to(device).eval()
 
 
@@ -132,7 +129,9 @@ def load_tokenizer(spec: str, root: Path | None = None) -> Any:
             try:
                 return AutoTokenizer.from_pretrained(candidate, local_files_only=True, trust_remote_code=False)
             except Exception as e:  # noqa: BLE001 - a garbage tokenizer file raises whatever its parser raises
-                raise UserError(f"{spec}: cannot load the tokenizer in {candidate} ({_first_line(e)})", key="model") from None
+                raise UserError(
+                    f"{spec}: cannot load the tokenizer in {candidate} ({first_line(e, limit=200, with_type=True)})", key="model"
+                ) from None
     if is_adapter_folder(folder):  # a bare PEFT adapter: its base model's tokenizer
         return load_tokenizer(adapter_base(folder), root)
     raise UserError(f"{spec}: no tokenizer files (tokenizer.json or vocab.json) in {folder}", key="model")

@@ -11,7 +11,6 @@ print(results["runs"]["direct/icl"]["all"]["mean"])
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,17 +20,19 @@ import torch
 from raymeta.config import TrainConfig, flatten, to_dict, with_absolute_paths
 from raymeta.core.device import resolve_device
 from raymeta.data import open_data
+from raymeta.data.layout import DataDir
 from raymeta.errors import UserError
 from raymeta.eval.icl import EvalConfig, LossCache, evaluate_setting
 from raymeta.infra.paths import paths
 from raymeta.infra.ray_session import connect, describe, joined_address
 from raymeta.infra.storage import RunStore
-from raymeta.model.load import check_weights, load_model, load_tokenizer, resolve_model_dir
+from raymeta.model.load import check_weights, load_model, load_tokenizer
+from raymeta.run.callbacks import StepHook, standard_callbacks
 from raymeta.run.checkpoint import latest_step, usable_checkpoint
-from raymeta.run.distributed import fit
 from raymeta.run.lock import clean_orphans, run_lock
-from raymeta.run.loop import Placement, StepHook, build_sampler, run_loop
+from raymeta.run.ray_train import fit
 from raymeta.run.tracking import check_tracking
+from raymeta.run.trainer import Local, MetaTrainer, Restored, preflight
 
 __all__ = ["evaluate", "train"]
 
@@ -91,22 +92,20 @@ def _train_locked(
         raise UserError(
             f"{cfg.run.out}: holds checkpoints of an earlier run; pass --resume to continue it or choose another out", key="out"
         )
-    resume_dir = None
+    restored = None
     if resume:
         found = usable_checkpoint(store)  # the newest whole checkpoint; broken newer ones are set aside, with a warning
         if found is None:
             raise UserError(f"no checkpoint in {store.uri('checkpoints')}", key="resume")
-        latest, resume_dir = found
-        state = json.loads((resume_dir / "state.json").read_text())
-        check_resume_config(state.get("config") or {}, to_dict(cfg), allow_changes, store.uri(latest))
-        if state["step"] >= cfg.run.steps:
-            return _final(store, store.uri(latest))  # already finished: nothing to resume
+        latest = found[0]
+        restored = Restored.read(found[1], store.uri(latest))
+        check_resume_config(restored.state.get("config") or {}, to_dict(cfg), allow_changes, restored.location)
+        if restored.state["step"] >= cfg.run.steps:
+            return _final(store, restored.location)  # already finished: nothing to resume
     if not cfg.placement.distributed or joined_address(address) is None:
         resolve_device(cfg.placement.device)  # CUDA asked for where there is none: one line, before anything starts
     if cfg.placement.distributed:
-        # pre-flight on the driver: bad data, setting or model fail here in one line, not inside a Ray worker
-        build_sampler(cfg, root)
-        resolve_model_dir(cfg.run.model, root)
+        preflight(cfg, root)
         final = fit(
             cfg,
             store,
@@ -123,9 +122,9 @@ def _train_locked(
         connect(address, log_to_driver=ray_logs)
         if progress:
             print(f"[raymeta] {describe()}", flush=True)
-    done = run_loop(
-        cfg, Placement(store), resume_dir=resume_dir, progress=progress, root=root, on_step=on_step, after_step=after_step
-    )
+    backend = Local(store, resolve_device(cfg.placement.device), restored)
+    hooks = standard_callbacks(cfg, progress=progress, on_step=on_step, after_step=after_step)
+    done = MetaTrainer(cfg, backend, hooks, root=root).fit()
     assert done is not None
     return _final(store, done)
 
@@ -194,33 +193,40 @@ def evaluate(
     tokenizer: Any = None,
     *,
     setting: str = "mix_to_mix",
-    data: str | Path | None = None,
+    data: str | Path | DataDir | None = None,
     config: EvalConfig | None = None,
     cache: bool = True,
     progress: bool = False,
     root: Path | None = None,
     device: str = "auto",
+    dtype: str = "float32",
     base_model: str | None = None,
     merge: bool = False,
+    samples: list[dict[str, Any]] | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """Evaluate a model with MetaICL's protocol on a setting's target tasks; returns the results dict
     (`results["runs"]["direct/icl"]["all"]["mean"]`, ...) that `raymeta eval` writes as results.json.
 
     `model` is `"builtin"`, a Hugging Face folder or a raymeta checkpoint (loaded on `device`: auto,
-    cpu, cuda[:N]; an adapter checkpoint loads on `base_model`, default the base it names, merged with
-    `merge`), or a loaded causal LM (then pass its `tokenizer`; it is scored where it is).
+    cpu, cuda[:N], in `dtype`; an adapter checkpoint loads on `base_model`, default the base it names,
+    merged with `merge`), or a loaded causal LM (then pass its `tokenizer`; it is scored where it is).
     Evaluation settings come as an `EvalConfig` or as its fields (`k=4, seeds=(100, 13),
     variants=("direct",), modes=("icl",), max_test_examples=10`). Per-option losses are cached under
-    raymeta's home unless `cache=False`."""
+    raymeta's home unless `cache=False`. `samples`, a list, receives one record per scored example."""
     if config is not None and options:
         raise UserError(f"pass either config or its fields ({', '.join(options)}), not both", key="config")
     cfg = config or EvalConfig(**options)
     if isinstance(model, str):
         tokenizer = load_tokenizer(model, root)
-        model = load_model(model, root=root, device=resolve_device(device), base_model=base_model, merge=merge)
+        model = load_model(model, dtype=dtype, root=root, device=resolve_device(device), base_model=base_model, merge=merge)
     elif tokenizer is None:
         raise UserError("a loaded model needs its tokenizer (evaluate(model, tokenizer, ...))", key="tokenizer")
-    source = open_data(data, root)
+    source = data if isinstance(data, DataDir) else open_data(data, root)
     loss_cache = LossCache(paths(root).loss_cache) if cache else None
-    return evaluate_setting(model, tokenizer, source, source.setting(setting), cfg, cache=loss_cache, progress=progress)
+    results = evaluate_setting(
+        model, tokenizer, source, source.setting(setting), cfg, cache=loss_cache, progress=progress, samples=samples
+    )
+    if loss_cache is not None:
+        results["loss_cache"] = {"hits": loss_cache.hits, "misses": loss_cache.misses}
+    return results

@@ -86,7 +86,7 @@ def _run_task(
     theta = {n: t.requires_grad_() for n, t in _on(params, device).items()}
     outer = _state(state["m"], state["v"], state["step"], device) if state is not None else None
     r = task_meta_gradient(flm, theta, outer, batch, cfg)
-    inner = r.inner_state if cfg.moment_policy == "shared" else None  # only `shared` needs the moments back
+    inner = r.inner_state if cfg.shares_moments else None  # only `shared` needs the moments back
     return {
         "grads": _numpy(r.grads),
         "m": _numpy(inner.m) if inner is not None else None,

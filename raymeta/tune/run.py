@@ -19,12 +19,12 @@ from ray.tune.search.optuna import OptunaSearch
 
 from raymeta.config import PlacementConfig
 from raymeta.errors import UserError
-from raymeta.infra.ray_session import check_resources, connect, describe, joined_address, progress_while_short
+from raymeta.infra.ray_session import check_resources, connect, describe, joined_address, progress_while_short, train_settings
 from raymeta.infra.storage import RunStore
-from raymeta.model.load import resolve_model_dir
+from raymeta.ray_compat import drain_tune_reports
 from raymeta.run.api import train
 from raymeta.run.checkpoint import latest_checkpoint
-from raymeta.run.loop import build_sampler
+from raymeta.run.trainer import preflight
 from raymeta.tune.outputs import write_outputs
 from raymeta.tune.space import encode
 from raymeta.tune.sweep import Sweep, trial_config
@@ -45,41 +45,37 @@ def _trial(params: dict[str, Any], sweep: Sweep, root: str | None) -> None:
     line = f"{time.time():.3f}\n"  # one line each time this trial's function starts
     store.append_line("starts.log", line, starts + line)
     latest = latest_checkpoint(out)
-    train(cfg, resume=latest is not None, progress=False, root=Path(root) if root else None, callbacks=[TuneReportCallback()])
-    _wait_for_reports_to_reach_tune()
+    reports = ValidationReports(sweep.metric)
+    train(cfg, resume=latest is not None, progress=False, root=Path(root) if root else None, callbacks=[reports])
+    drain_tune_reports()
 
 
-def _wait_for_reports_to_reach_tune(timeout: float = 300.0, quiet_polls: int = 3) -> None:
-    """Return only once Tune has taken every report that Ray Train forwarded.
+class ValidationReports(TuneReportCallback):
+    """Forwards to Tune the reports that carry the objective (validation steps); a checkpoint between
+    validations is reported to Ray Train only. Tune never needs raymeta's checkpoints: a resumed trial
+    restarts from its own run folder."""
 
-    Ray 2.60's TuneReportCallback puts rank 0's reports on a one-slot Ray queue; the trial's main
-    thread moves each one to the session's result queue when Tune asks for the next result. When the
-    trial function returns, Tune's wrapper puts its end-of-trial marker straight on that result queue.
-    If the final report was still on the Ray queue then, it lands behind the marker and Tune drops
-    it: the trial ends one report short (seen in CI: a finished trial whose last result was step 3 of
-    4). So wait until both queues have stayed empty for a few polls."""
-    from ray.train._internal.session import get_session  # private (Ray is pinned): read only here
+    def __init__(self, metric: str) -> None:
+        super().__init__()
+        self.metric = metric
 
-    session = get_session()
-    relay = getattr(session, "_inter_actor_queue", None)
-    results = getattr(session, "result_queue", None)
-    if relay is None and results is None:
-        return
-    deadline = time.monotonic() + timeout
-    quiet = 0
-    while quiet < quiet_polls and time.monotonic() < deadline:
-        busy = (relay is not None and not relay.empty()) or (results is not None and not results.empty())
-        quiet = 0 if busy else quiet + 1
-        time.sleep(0.1)
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        if metrics and self.metric in metrics[0]:
+            super().after_report(run_context, metrics, None)
 
 
 def _scheduler(sweep: Sweep) -> Any:
+    """ASHA over meta-steps: rungs at validation steps (`grace_period` and `max_t` counted in validations,
+    as the sweep file says). A resumed trial repeats the validations after its last checkpoint with the
+    same steps, which ASHA has already recorded."""
     if sweep.scheduler["type"] == "none":
         return None
+    every = sweep.config.run.validation.every or sweep.max_steps()
+    rounds = max(sweep.max_reports(), 1)
     return ASHAScheduler(
-        time_attr="training_iteration",
-        max_t=max(sweep.max_reports(), 1),
-        grace_period=min(sweep.scheduler["grace_period"], max(sweep.max_reports(), 1)),
+        time_attr="step",
+        max_t=max(sweep.max_steps(), 1),
+        grace_period=min(sweep.scheduler["grace_period"], rounds) * every,
         reduction_factor=sweep.scheduler["reduction_factor"],
     )
 
@@ -122,10 +118,8 @@ def run_sweep(
         raise UserError(f"no sweep to resume in {sweep.location} (no {store.uri('experiment/tuner.pkl')})", key="resume")
     if not resume and store.exists("experiment"):
         raise UserError(f"{sweep.location}: holds an earlier sweep; pass --resume to finish it, or set --out to a new folder")
-    build_sampler(sweep.config, root)  # pre-flight on the driver: data, setting and held-out tasks fail here in one line
-    resolve_model_dir(sweep.config.run.model, root)
-
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+    preflight(sweep.config, root)
+    train_settings()
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")  # the experiment state is small: save it often
     # Tune warns whenever handling a result takes over 0.5 s; the Optuna study's SQLite write takes ~1.3 s
     # on a busy 2-core machine, every report, and the warning says nothing the user can act on

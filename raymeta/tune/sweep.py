@@ -68,14 +68,18 @@ class Sweep:
     def trial_out(self, trial_id: str) -> str:
         return f"{self.remote.rstrip('/')}/trials/{trial_id}" if self.remote else str(self.out / "trials" / trial_id)
 
-    def max_reports(self) -> int:
-        """How many times a trial reports (ASHA's max_t): once per validation step."""
+    def max_steps(self) -> int:
+        """The most meta-steps a trial can run (the space may sample `steps`)."""
         steps = self.config.run.steps
         for p in self.space:
             if "steps" in p.keys and p.kind in ("int", "logint"):
                 steps = max(steps, int(p.args[1]))
+        return steps
+
+    def max_reports(self) -> int:
+        """How many times a trial reports to Tune: once per validation step."""
         every = self.config.run.validation.every
-        return math.ceil(steps / every) if every else 1
+        return math.ceil(self.max_steps() / every) if every else 1
 
 
 def load_sweep(path: Path, *, num_samples: int | None = None, out: Path | None = None) -> Sweep:
@@ -189,16 +193,15 @@ def load_sweep(path: Path, *, num_samples: int | None = None, out: Path | None =
 def trial_config(sweep: Sweep, params: dict[str, Any], out: str | Path) -> TrainConfig:
     """The full config of one trial: base and fixed keys, the sampled values, and its run folder.
 
-    Reports happen at validation steps only (checkpoint_every = validation.every), so every result
-    Tune sees carries the objective."""
+    The trial reports at validation steps (log_every = validation.every), and only those reports reach
+    Tune, so every result Tune sees carries the objective; it checkpoints on its own schedule
+    (`checkpoint_every`, `keep_checkpoints`)."""
     cfg = apply_overrides(TrainConfig(), copy.deepcopy(sweep.base), "sweep")
     for p in sweep.space:
         if p.name in params:
             apply_overrides(cfg, p.decode(params[p.name]), f"space.{p.name}")
     run = cfg.run
-    every = run.validation.every or run.steps
-    run.checkpoint_every = every
-    run.log_every = every
+    run.log_every = run.validation.every or run.steps
     run.out = str(out)
     if run.tracking == "mlflow" and not run.tracking_uri and not os.environ.get("MLFLOW_TRACKING_URI"):
         run.tracking_uri = f"sqlite:///{sweep.out.resolve() / 'mlflow.db'}"  # one store for the sweep: a run per trial
