@@ -141,6 +141,10 @@ def test_sweep_runs_trials_in_the_space_stops_some_early_and_its_best_config_tra
         metrics = [json.loads(x) for x in (sweep.out / "trials" / row["trial_id"] / "metrics.jsonl").read_text().splitlines()]
         assert reports <= len(metrics) <= reports + 1  # a stopped trial really stopped (at most one step in flight)
         assert float(row["val_loss"]) == pytest.approx(metrics[reports - 1]["val_loss"])  # the last report Tune saw
+        if row["status"] == "completed":  # a report at every validation, checkpoints on the trial's own schedule
+            kept = sorted(p.name for p in (sweep.out / "trials" / row["trial_id"] / "checkpoints").glob("step-*"))
+            every = trial_cfg["checkpoint_every"]
+            assert kept == [f"step-{s:06d}" for s in range(1, 5) if s % every == 0 or s == 4], (kept, every)
 
     best = summary["best"]
     completed = [r for r in rows if r["status"] == "completed"]

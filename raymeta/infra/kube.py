@@ -234,21 +234,21 @@ def _check_job(doc: dict[str, Any], path: Path, pods: _Pods | None, report: Repo
     try:
         if kind == "train":
             cfg = load_config(file, overrides)
-            place, out, what = cfg.placement, cfg.run.out, f"{name}"
+            placement, out, what = cfg.placement, cfg.run.out, f"{name}"
         else:
             sweep = load_sweep(file)
-            place, out, what = _trial_placement(sweep), sweep.location, f"{name} (one trial)"
+            placement, out, what = _trial_placement(sweep), sweep.location, f"{name} (one trial)"
     except UserError as e:
         report.errors.append(f"spec.entrypoint: {e}")
         return f"raymeta {kind} {name}"
-    need = f"{place.num_workers} workers x ({place.cpus_per_worker:g} CPU" + (", 1 GPU)" if place.use_gpu else ")")
+    need = f"{placement.num_workers} workers x ({placement.cpus_per_worker:g} CPU" + (", 1 GPU)" if placement.use_gpu else ")")
     if pods is None or not pods.groups or pods.unknown:
         return f"raymeta {kind} {name}: {need}"
-    need_gpu = 1.0 if place.use_gpu else 0.0
-    fits = pods.capacity(place.cpus_per_worker, need_gpu)
-    if fits < place.num_workers:
+    need_gpu = 1.0 if placement.use_gpu else 0.0
+    fits = pods.capacity(placement.cpus_per_worker, need_gpu)
+    if fits < placement.num_workers:
         report.errors.append(
-            f"spec.entrypoint: {what} needs {place.num_workers} workers of {place.cpus_per_worker:g} CPU"
+            f"spec.entrypoint: {what} needs {placement.num_workers} workers of {placement.cpus_per_worker:g} CPU"
             + (" and 1 GPU" if need_gpu else "")
             + f"; the cluster's pods hold at most {fits} (raise maxReplicas or the pods' limits, or lower num_workers)"
         )

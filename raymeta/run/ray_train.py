@@ -260,10 +260,10 @@ def fit(
     joined = connect(address, log_to_driver=ray_logs)
     if progress:
         print(f"[raymeta] {describe()}", flush=True)
-    place = cfg.placement
+    placement = cfg.placement
     what = "num_workers x (cpus_per_worker, use_gpu) + one Ray task (cpus_per_task, gpus_per_task)"
-    check_resources(place.cpus_needed(), place.gpus_needed(), joined=joined, what=what)
-    resources: dict[str, float] = {"CPU": place.cpus_per_worker}
+    check_resources(placement.cpus_needed(), placement.gpus_needed(), joined=joined, what=what)
+    resources: dict[str, float] = {"CPU": placement.cpus_per_worker}
     name = Path(out.location.rstrip("/")).name
     config = {
         "cfg": with_absolute_paths(to_dict(cfg)),
@@ -278,15 +278,15 @@ def fit(
         _worker,
         train_loop_config=config,
         scaling_config=ScalingConfig(
-            num_workers=place.num_workers,
-            use_gpu=place.use_gpu,
+            num_workers=placement.num_workers,
+            use_gpu=placement.use_gpu,
             resources_per_worker=resources,
-            placement_strategy=place.placement_strategy,
+            placement_strategy=placement.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
             name="checkpoints",
             storage_path=out.uri(),  # Ray Train's storage: a local folder or a pyarrow URI (s3://, gs://)
-            failure_config=FailureConfig(max_failures=place.max_failures),
+            failure_config=FailureConfig(max_failures=placement.max_failures),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=cfg.run.keep_checkpoints or None, checkpoint_score_attribute="step", checkpoint_score_order="max"
             ),
@@ -295,7 +295,7 @@ def fit(
     )
     start = int(latest.rsplit("-", 1)[1]) if latest else 0
     watch = StepPrinter(out, cfg.run.steps, cfg.meta.method, start) if progress else contextlib.nullcontext()
-    with progress_while_short(place.cpus_needed(), place.gpus_needed()), watch:
+    with progress_while_short(placement.cpus_needed(), placement.gpus_needed()), watch:
         try:
             result = trainer.fit()
         except Exception as e:  # Ray Train raises what ended the run; a worker's UserError stays the one line it is

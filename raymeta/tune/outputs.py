@@ -157,8 +157,7 @@ def write_outputs(sweep: Sweep, results: Any) -> dict[str, Any]:
     }
     if best is not None:
         cfg = trial_config(sweep, best.params, Path(f"runs/{sweep.name}-best"))
-        cfg.run.checkpoint_every = sweep.config.run.checkpoint_every  # the base's intervals, not the trial's report cadence
-        cfg.run.log_every = sweep.config.run.log_every
+        cfg.run.log_every = sweep.config.run.log_every  # the base's interval, not the trial's report cadence
         header = (
             f"# best trial {best.trial_id} of sweep {sweep.name} ({sweep.path}): {sweep.metric} = {best.value:.6g}\n"
             f"# run it with: raymeta train {sweep.out / 'best_config.yaml'}\n"

@@ -82,15 +82,15 @@ def _scheduler(sweep: Sweep) -> Any:
 
 def _trial_placement(sweep: Sweep) -> PlacementConfig:
     """The placement of the largest trial the space can draw."""
-    place = copy.deepcopy(sweep.config.placement)
+    placement = copy.deepcopy(sweep.config.placement)
     for p in sweep.space:
         if p.kind == "choice":
             continue
         if "num_workers" in p.keys:
-            place.num_workers = max(place.num_workers, int(p.args[1]))
+            placement.num_workers = max(placement.num_workers, int(p.args[1]))
         if "cpus_per_worker" in p.keys:
-            place.cpus_per_worker = max(place.cpus_per_worker, float(p.args[1]))
-    return place
+            placement.cpus_per_worker = max(placement.cpus_per_worker, float(p.args[1]))
+    return placement
 
 
 def _check_concurrency(sweep: Sweep, need: float, joined: bool) -> None:
@@ -128,8 +128,8 @@ def run_sweep(
     joined = connect(address, dashboard=True, log_to_driver=verbose > 1)
     if verbose:
         print(f"[raymeta] {describe()}", flush=True)
-    place = _trial_placement(sweep)
-    need_cpus, need_gpus = place.cpus_needed() + sweep.trial_cpus, place.gpus_needed()
+    placement = _trial_placement(sweep)
+    need_cpus, need_gpus = placement.cpus_needed() + sweep.trial_cpus, placement.gpus_needed()
     check_resources(need_cpus, need_gpus, joined=joined, what=f"{sweep.path}: resources: a trial")
     _check_concurrency(sweep, need_cpus, joined)
     sweep.out.mkdir(parents=True, exist_ok=True)
