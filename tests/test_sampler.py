@@ -73,3 +73,44 @@ def test_bf16_autocast_meta_step_is_finite_and_keeps_fp32_state():
     assert not m.skipped and torch.isfinite(torch.tensor([m.query_loss, m.grad_norm])).all()
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert learner.state is not None and all(t.dtype == torch.float32 for t in learner.state.m.values())
+
+
+def _key(e: Example) -> tuple[str, str]:
+    return (e.input, e.output)
+
+
+def test_no_query_target_is_a_support_target_or_in_a_support_prompt():
+    """Within one step and task the inner loop never sees a query answer: no query target is a support target
+    or a demonstration of a support instance. On pools of exactly k + support + query examples (k=4, 2 + 2)
+    the old rule put a query target into a support prompt in most steps."""
+    s = MetaBatchSampler(_pools(size=8), k=4, tasks_per_step=2, support_size=2, query_size=2, seed=0)
+    for _ in range(200):
+        for sample in s.sample():
+            query = {_key(i.target) for i in sample.query}
+            for inst in sample.support:
+                assert _key(inst.target) not in query
+                assert not query & {_key(d) for d in inst.demonstrations}, sample
+
+
+def test_a_duplicated_query_example_stays_out_of_support_prompts_too():
+    """The rule holds for the example, not the index: a pool that holds the same example twice."""
+    pool = [Example("t", f"x{i % 5}", "a" if i % 2 else "b", ("a", "b")) for i in range(10)]  # each twice
+    s = MetaBatchSampler({"t": pool}, k=2, tasks_per_step=1, support_size=1, query_size=1, seed=0)
+    for _ in range(200):
+        (sample,) = s.sample()
+        query = {_key(i.target) for i in sample.query}
+        assert not query & {_key(d) for d in (*sample.support[0].demonstrations, sample.support[0].target)}
+
+
+def test_a_rule_1_checkpoint_resumes_under_rule_1_with_a_warning():
+    old = _sampler(seed=3)
+    old.rule = 1  # as a sampler before rule 2 drew
+    state = {k: v for k, v in old.state().items() if k != "rule"}  # and recorded: no rule in its state
+    expected = [old.sample() for _ in range(3)]
+    resumed = _sampler(seed=99)
+    with pytest.warns(UserWarning, match="rule 1"):
+        resumed.load_state(state, "runs/x/checkpoints/step-000002")
+    assert resumed.rule == 1 and [resumed.sample() for _ in range(3)] == expected
+    assert _sampler(seed=3).state()["rule"] == 2
+    with pytest.raises(UserError, match="sampler rule 7 is unknown"):
+        resumed.load_state({**state, "rule": 7})

@@ -1,16 +1,28 @@
 """The meta-batch sampler: n tasks a step, each with a support and a separate query batch of ICL instances.
 
 An ICL instance is MetaICL's training instance: k demonstrations of a task followed by one target
-example of the same task whose label is scored; the target is never among its own demonstrations,
-and a task's support and query targets are distinct examples. Sampling is seeded; the sampler's
-state (a `random.Random` state) goes into checkpoints so that a resumed run draws the same batches.
-With `max_examples_per_task` each pool is first cut to a fixed, seeded subset (the limited-data setting).
+example of the same task whose label is scored; the target is never among its own demonstrations.
+
+No leakage from query to support (rule 2): within one step and task, the query targets are drawn
+first; no support target and no demonstration of a support instance is a query target (compared as
+examples, input and output, so a pool holding an example twice cannot leak it either). The inner loop
+therefore never trains on a query answer before the query loss is taken. Query instances draw their
+demonstrations from the rest of the pool, as MetaICL's training instances do.
+
+Rule 1 (before raymeta 0.2) drew support and query targets together and every instance's
+demonstrations from the whole pool, so a query target could sit, with its label, in a support prompt
+of the same step. A checkpoint written under rule 1 resumes under rule 1 (bit for bit), with a warning.
+
+Sampling is seeded; the sampler's state (a `random.Random` state and the rule) goes into checkpoints so
+that a resumed run draws the same batches. With `max_examples_per_task` each pool is first cut to a
+fixed, seeded subset (the limited-data setting).
 """
 
 from __future__ import annotations
 
 import hashlib
 import random
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +30,9 @@ from typing import Any
 from raymeta.data.layout import Example
 from raymeta.errors import UserError
 
-__all__ = ["Instance", "TaskSample", "MetaBatchSampler"]
+__all__ = ["RULE", "Instance", "TaskSample", "MetaBatchSampler"]
+
+RULE = 2  # how support and query are drawn (see above); checkpoints record it
 
 
 @dataclass(frozen=True)
@@ -63,23 +77,50 @@ class MetaBatchSampler:
         self.k, self.tasks_per_step = k, tasks_per_step
         self.support_size, self.query_size = support_size, query_size
         self.rng = random.Random(seed)
+        self.rule = RULE
 
-    def _instance(self, pool: list[Example], target: int) -> Instance:
-        others = self.rng.sample([i for i in range(len(pool)) if i != target], self.k)
+    def _instance(self, pool: list[Example], target: int, allowed: Sequence[int] | None = None) -> Instance:
+        candidates = range(len(pool)) if allowed is None else allowed
+        others = self.rng.sample([i for i in candidates if i != target], self.k)
         return Instance(tuple(pool[i] for i in others), pool[target])
 
-    def sample(self) -> list[TaskSample]:
-        out = []
-        for task in self.rng.sample(sorted(self.pools), self.tasks_per_step):
-            pool = self.pools[task]
+    def _task(self, task: str) -> TaskSample:
+        pool = self.pools[task]
+        if self.rule == 1:
             targets = self.rng.sample(range(len(pool)), self.support_size + self.query_size)
             instances = [self._instance(pool, t) for t in targets]
-            out.append(TaskSample(task, tuple(instances[: self.support_size]), tuple(instances[self.support_size :])))
-        return out
+            return TaskSample(task, tuple(instances[: self.support_size]), tuple(instances[self.support_size :]))
+        query = self.rng.sample(range(len(pool)), self.query_size)
+        answers = {(pool[i].input, pool[i].output) for i in query}
+        allowed = [i for i, e in enumerate(pool) if (e.input, e.output) not in answers]  # never a query answer
+        if len(allowed) < max(self.support_size, self.k + 1):
+            raise UserError(
+                f"task {task!r}: only {len(allowed)} examples differ from this step's query targets; support needs "
+                f"support_size = {self.support_size} targets and k = {self.k} demonstrations besides each "
+                "(duplicates in the pool?)"
+            )
+        support = self.rng.sample(allowed, self.support_size)
+        return TaskSample(
+            task,
+            tuple(self._instance(pool, t, allowed) for t in support),
+            tuple(self._instance(pool, t) for t in query),
+        )
+
+    def sample(self) -> list[TaskSample]:
+        return [self._task(task) for task in self.rng.sample(sorted(self.pools), self.tasks_per_step)]
 
     def state(self) -> dict[str, Any]:
         version, internal, gauss = self.rng.getstate()
-        return {"version": version, "internal": list(internal), "gauss": gauss}
+        return {"version": version, "internal": list(internal), "gauss": gauss, "rule": self.rule}
 
-    def load_state(self, state: Mapping[str, Any]) -> None:
+    def load_state(self, state: Mapping[str, Any], where: str = "checkpoint") -> None:
         self.rng.setstate((state["version"], tuple(state["internal"]), state["gauss"]))
+        self.rule = int(state.get("rule", 1))
+        if self.rule == 1:
+            warnings.warn(
+                f"{where}: its sampler draws under rule 1 (a support prompt may hold a query answer of the same step); "
+                "the resumed run keeps that rule to stay bit-exact. A new run uses rule 2",
+                stacklevel=2,
+            )
+        elif self.rule != RULE:
+            raise UserError(f"{where}: sampler rule {self.rule} is unknown to this raymeta (it knows 1 and {RULE})", key="resume")

@@ -220,7 +220,7 @@ class MetaTrainer:
         if restored is not None:
             state = restored.state
             self.start, self.final = state["step"], restored.location
-            self.sampler.load_state(state["sampler"])
+            self.sampler.load_state(state["sampler"], restored.location)
             self.learner.skipped = state["skipped"]
             if self.learner.state is not None:
                 names = list(self.learner.flm.params())
