@@ -224,8 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         parents=[home],
         help="meta-train a model (maml_en_llm, fomaml, reptile, metaicl)",
-        description="Meta-train on one process. CONFIG is a YAML file of config keys; KEY=VALUE overrides any key, "
-        "dotted for nested ones (inner.lr=3e-5). Checkpoints go to OUT/checkpoints, metrics to OUT/metrics.jsonl.",
+        description="Meta-train on Ray Train workers (an embedded local cluster unless --address or RAY_ADDRESS names "
+        "one), or in this process with distributed=false. CONFIG is a YAML file of config keys; KEY=VALUE overrides "
+        "any key, dotted for nested ones (inner.lr=3e-5). Checkpoints go to OUT/checkpoints, metrics to OUT/metrics.jsonl.",
     )
     p.add_argument("config", type=Path, help="YAML config (see configs/)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. inner.steps=2 method=fomaml")
@@ -397,15 +398,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("raymeta: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into a reader that stopped early (| head); an OSError, so first
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except OSError as e:  # the machine, not raymeta: a full disk, a quota, a read-only or forbidden folder
         if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
             raise
         where = f"{e.filename}: " if e.filename else ""
         print(f"raymeta: error: {where}{os.strerror(e.errno)} (what was being written was left as it was)", file=sys.stderr)
         return 2
-    except BrokenPipeError:  # output piped into a reader that stopped early (| head)
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
 
 
 if __name__ == "__main__":

@@ -216,3 +216,26 @@ def test_private_ray_lives_in_ray_compat_and_is_all_there():
     assert not offenders, offenders
     assert ray_compat.missing() == [], f"Ray {ray.__version__} moved internals raymeta uses: {ray_compat.missing()}"
     assert ray.__version__ == ray_compat.TESTED_RAY, f"Ray {ray.__version__}: re-check raymeta/ray_compat.py, then TESTED_RAY"
+
+
+def test_output_piped_into_a_reader_that_stopped_is_no_traceback(monkeypatch):
+    """`raymeta ... | head`: once the reader is gone, writing raises BrokenPipeError (an OSError); the command
+    ends quietly with 0 instead of a traceback."""
+    import os
+
+    from raymeta.cli import main
+
+    read, write = os.pipe()
+    os.close(read)  # the reader stopped
+    monkeypatch.setattr(sys, "stdout", os.fdopen(write, "w", buffering=1))
+    assert main(["config", "show"]) == 0
+
+
+def test_train_help_says_where_a_run_goes():
+    """Ray Train is the default; `--help` must not say "on one process"."""
+    from raymeta.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.__class__.__name__ == "_SubParsersAction")
+    text = sub.choices["train"].format_help()
+    assert "one process" not in text.replace("\n", " ") or "distributed=false" in text
+    assert "Ray Train" in text
