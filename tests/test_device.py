@@ -175,3 +175,34 @@ def test_gpu_single_process_run_trains_and_its_checkpoint_loads_on_the_cpu(tmp_p
     final = train(cfg, progress=False)
     moments = load_file(str(final / "optimizer.safetensors"))
     assert all(t.device.type == "cpu" for t in moments.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_the_all_reduce_keeps_the_weights_dtype(tmp_path, dtype):
+    """float64 runs are not rounded to float32 on their way through the all-reduce, and bf16 runs do not send
+    twice the bytes they need (one rank: the sum is the input, bit for bit)."""
+    from raymeta.run.ray_train import all_reduce
+
+    model = tiny_llama(vocab_size=V, dtype=dtype)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    learner = MetaLearner(model, MetaConfig(method="fomaml", moment_policy="shared"))
+    acc = learner.accumulate(_tasks())
+    sent: list[tuple[torch.dtype, int]] = []
+    real = dist.all_reduce
+
+    def spy(tensor, *args, **kwargs):
+        sent.append((tensor.dtype, tensor.numel()))
+        return real(tensor, *args, **kwargs)
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(dist, "all_reduce", spy)
+            out = all_reduce(acc, learner)
+    finally:
+        dist.destroy_process_group()
+    assert max(sent, key=lambda x: x[1])[0] == dtype, sent  # the buffer of gradients and moments
+    for part, reduced in ((acc.grads, out.grads), (acc.m, out.m), (acc.v, out.v)):
+        for name, tensor in part.items():
+            assert reduced[name].dtype == dtype and torch.equal(reduced[name], tensor), name

@@ -52,8 +52,12 @@ def all_reduce(acc: Accumulator, learner: MetaLearner) -> Accumulator:
     parts = [acc.grads]
     if learner.shares_moments:
         parts += [acc.m, acc.v]
+    # in the weights' own dtype (float64 runs keep their precision; bf16 runs send half of float32's bytes;
+    # with more than two workers a bf16 sum rounds more than once); mixed dtypes travel as float32
+    dtypes = {params[n].dtype for n in names}
+    dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
     flat = torch.cat(
-        [torch.cat([p.get(n, torch.zeros_like(params[n])).detach().reshape(-1).to(torch.float32) for n in names]) for p in parts]
+        [torch.cat([p.get(n, torch.zeros_like(params[n])).detach().reshape(-1).to(dtype) for n in names]) for p in parts]
     )
     scalars = torch.tensor(  # on the buffer's device: NCCL all-reduces device tensors only
         [acc.n, acc.support_loss, acc.query_loss, acc.n_tokens, 0.0 if acc.finite else 1.0],
