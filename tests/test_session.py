@@ -102,6 +102,25 @@ def _stop(head: subprocess.Popen) -> None:
             psutil.Process(p.pid).kill()
 
 
+def test_an_explicit_address_other_than_the_connected_cluster_is_refused(ray_local):
+    """A process already on a cluster (a user's ray.init(), the suite's shared one) asked for another address:
+    refused in one line, as a fresh process would be, instead of running where it was not asked."""
+    from raymeta.errors import UserError
+    from raymeta.infra.ray_session import connect
+
+    gcs = ray_local.get_runtime_context().gcs_address
+    assert connect(gcs) is True  # the cluster it is on: fine
+    with pytest.raises(UserError, match=r"^address: 127\.0\.0\.1:9: cannot connect to a Ray cluster"):
+        connect("127.0.0.1:9")
+    with socket.socket() as other:  # something listens there, but it is not this process's cluster
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        address = f"127.0.0.1:{other.getsockname()[1]}"
+        with pytest.raises(UserError, match=rf"^address: {address}: this process is already connected to the Ray cluster at {gcs}"):
+            connect(address)
+    assert ray_local.get_runtime_context().gcs_address == gcs
+
+
 def test_an_embedded_run_starts_its_own_cluster_beside_a_head_left_running(tmp_path, gpt2_tokenizer):
     """A user's leftover `ray start --head` (no token, its address in Ray's temp folder, RAY_ADDRESS unset):
     `raymeta train` without --address runs on a new loopback cluster with its own token and says so; no

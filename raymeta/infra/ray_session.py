@@ -77,6 +77,8 @@ def connect(
     """Initialise Ray in this process (once); returns whether it joined an existing cluster."""
     target = joined_address(address)
     if ray.is_initialized():
+        if address:  # an explicit address must be the cluster this process is on, not silently another
+            _check_same_cluster(address, ray.get_runtime_context().gcs_address)
         return target is not None
     if target is not None:
         _check_reachable(target)
@@ -123,13 +125,41 @@ def _hide_token_notice() -> None:
             handler.addFilter(_TokenNotice())
 
 
+def _host_port(target: str) -> tuple[str, int] | None:
+    match = re.fullmatch(r"(?:ray://)?\[?([^\]/]+?)\]?:(\d+)", target)
+    return (match.group(1), int(match.group(2))) if match else None
+
+
+def _ip(host: str) -> str:
+    try:
+        return socket.gethostbyname(host)
+    except OSError:
+        return host
+
+
+def _check_same_cluster(address: str, current: str) -> None:
+    """Refuse an explicit `host:port` other than the cluster this process is already connected to (it would
+    run there, not where asked). Other forms (`auto`, `ray://`, a file) are left to Ray."""
+    if address.startswith("ray://"):  # Ray Client: its port is the client server's, not the GCS's
+        return
+    wanted, have = _host_port(address.rstrip("/")), _host_port(current)
+    if wanted is None or have is None or (_ip(wanted[0]), wanted[1]) == (_ip(have[0]), have[1]):
+        return
+    _check_reachable(address)
+    raise UserError(
+        f"{address}: this process is already connected to the Ray cluster at {current}; "
+        "call ray.shutdown() first, or leave the address out to run there",
+        key="address",
+    )
+
+
 def _check_reachable(target: str, timeout: float = 5.0) -> None:
     """Refuse a `host:port` (or `ray://host:port`) nothing answers on, at once: `ray.init` would retry for
     minutes. Other forms (`auto`, a GCS address file) are left to Ray."""
-    match = re.fullmatch(r"(?:ray://)?\[?([^\]/]+?)\]?:(\d+)", target)
-    if match is None:
+    parsed = _host_port(target)
+    if parsed is None:
         return
-    host, port = match.group(1), int(match.group(2))
+    host, port = parsed
     try:
         with socket.create_connection((host, port), timeout=timeout):
             pass
