@@ -116,7 +116,8 @@ def test_an_explicit_address_other_than_the_connected_cluster_is_refused(ray_loc
         other.bind(("127.0.0.1", 0))
         other.listen()
         address = f"127.0.0.1:{other.getsockname()[1]}"
-        with pytest.raises(UserError, match=rf"^address: {address}: this process is already connected to the Ray cluster at {gcs}"):
+        refused = rf"^address: {address}: this process is already connected to the Ray cluster at {gcs}"
+        with pytest.raises(UserError, match=refused):
             connect(address)
     assert ray_local.get_runtime_context().gcs_address == gcs
 
