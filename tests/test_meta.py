@@ -9,8 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from raymeta.core.inner import inner_start
 from raymeta.core.lm import Batch, FunctionalLM
-from raymeta.core.meta import Accumulator, MetaConfig, MetaLearner, TaskBatch, TaskResult, _inner_start, task_meta_gradient
+from raymeta.core.meta import Accumulator, MetaConfig, MetaLearner, TaskBatch, TaskResult, task_meta_gradient
 from raymeta.core.optim import AdamState, OptimizerSpec, optimizer_step, zeros_state
 from tests.conftest import tiny_gpt2, tiny_llama
 
@@ -43,7 +44,7 @@ def _objective(flm: FunctionalLM, params, outer_state, batch: TaskBatch, cfg: Me
     """The whole bi-level objective L_query(θ_K(θ)), evaluated without autograd."""
     with torch.no_grad():
         theta = dict(params)
-        state = _inner_start(cfg, params, outer_state)
+        state = inner_start(cfg.inner_spec(), cfg.moment_policy, params, outer_state)
         for _ in range(cfg.inner.steps):
             with torch.enable_grad():
                 leaf = {n: t.detach().requires_grad_() for n, t in theta.items()}

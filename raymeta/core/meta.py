@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from raymeta.core.inner import adapt, inner_start
 from raymeta.core.lm import Batch, FunctionalLM, enable_activation_checkpointing
 from raymeta.core.optim import OPTIMIZERS, AdamState, OptimizerSpec, detached, optimizer_step, zeros_state
 from raymeta.errors import UserError
@@ -190,14 +191,6 @@ class TaskResult:
         return math.isfinite(self.support_loss) and math.isfinite(self.query_loss) and all_finite(self.grads.values())
 
 
-def _inner_start(cfg: MetaConfig, params: Tensors, outer_state: AdamState | None) -> AdamState | None:
-    if not cfg.inner_spec().has_moments:
-        return None
-    if cfg.moment_policy == "none" or outer_state is None:
-        return zeros_state({n: p.detach() for n, p in params.items()})
-    return detached(outer_state)
-
-
 def task_meta_gradient(
     flm: FunctionalLM, params: Tensors, outer_state: AdamState | None, batch: TaskBatch, cfg: MetaConfig
 ) -> TaskResult:
@@ -221,22 +214,21 @@ def task_meta_gradient(
             return TaskResult(dict(zip(names, grads)), None, value, value, batch.query.n_tokens)
 
     second = cfg.method == "maml_en_llm"
-    theta = dict(params) if second else {n: p.detach().requires_grad_() for n, p in params.items()}
-    state = _inner_start(cfg, params, outer_state)
-    support_loss = float("nan")
-    with autocast(inner_bf16):
-        for k in range(cfg.inner.steps):
-            loss = flm.loss(theta, batch.support)
-            if k == 0:
-                support_loss = item(loss)
-            grads = torch.autograd.grad(loss, [theta[n] for n in names], create_graph=second)
-            theta, state = optimizer_step(cfg.inner_spec(), theta, dict(zip(names, grads)), state)
-            if not second:
-                theta = {n: t.detach().requires_grad_() for n, t in theta.items()}
-                state = detached(state) if state is not None else None
+    spec = cfg.inner_spec()
+    with autocast(inner_bf16):  # the one inner loop (raymeta.core.inner), as test-time adaptation runs it
+        theta, state, first_loss = adapt(
+            flm,
+            dict(params),
+            batch.support,
+            spec,
+            inner_start(spec, cfg.moment_policy, params, outer_state),
+            cfg.inner.steps,
+            second_order=second,
+        )
+    support_loss = item(first_loss) if first_loss is not None else float("nan")
     # only `shared` reads the final inner moments: keeping them otherwise costs two model-sized buffers
     final_state = detached(state) if state is not None and cfg.shares_moments else None
-    del state, grads, loss  # the graph keeps what the meta-gradient needs; drop the rest before the query pass
+    del state  # the graph keeps what the meta-gradient needs; drop the rest before the query pass
 
     with autocast(query_bf16):
         if cfg.method == "reptile":

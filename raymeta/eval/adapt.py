@@ -1,8 +1,9 @@
 """Adaptation before evaluation: a few inner-optimizer steps on the k labelled examples of a target task.
 
 The k examples become MetaICL training instances (each in turn is the target, the other k - 1 its
-demonstrations); each step is one optimizer step on their mean loss (first order). The adapted weights
-are written into the model for the evaluation and restored afterwards.
+demonstrations); each step is one optimizer step on their mean loss, through the inner loop of
+meta-training (`raymeta.core.inner.adapt`, first order, from zero moments). The adapted weights are
+written into the model for the evaluation and restored afterwards.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from raymeta.core.inner import adapt, inner_start
 from raymeta.core.lm import FunctionalLM
 from raymeta.core.meta import MAX_LR
-from raymeta.core.optim import OPTIMIZERS, OptimizerSpec, optimizer_step, zeros_state
+from raymeta.core.optim import OPTIMIZERS, OptimizerSpec
 from raymeta.data.layout import Example
 from raymeta.data.prompts import PromptBuilder, make_batch
 from raymeta.errors import UserError
@@ -51,13 +53,8 @@ def adapted(model: torch.nn.Module, builder: PromptBuilder, demos: Sequence[Exam
     params = flm.params()
     original = {n: p.detach().clone() for n, p in params.items()}
     spec = OptimizerSpec(cfg.optimizer, cfg.lr)
-    theta = {n: p.detach() for n, p in params.items()}
-    state = zeros_state(theta) if spec.has_moments else None
-    for _ in range(cfg.steps):
-        leaf = {n: t.detach().requires_grad_() for n, t in theta.items()}
-        grads = torch.autograd.grad(flm.loss(leaf, batch), list(leaf.values()))
-        with torch.no_grad():
-            theta, state = optimizer_step(spec, {n: t.detach() for n, t in leaf.items()}, dict(zip(leaf, grads)), state)
+    # the inner loop of meta-training (raymeta.core.inner), first order, from zero moments
+    theta, _, _ = adapt(flm, dict(params), batch, spec, inner_start(spec, "none", params, None), cfg.steps, second_order=False)
     try:
         with torch.no_grad():
             for n, p in params.items():
