@@ -117,6 +117,27 @@ def test_validation_holds_tasks_out_and_reports_scores(tiny_folder, tmp_path):
     assert json.loads((out / "validation.json").read_text())["tasks"] == sorted(held_tasks)
 
 
+def test_validation_leaves_every_module_in_the_mode_it_found_it(tiny_folder, tmp_path):
+    """Validation evaluates in eval mode and then restores each module's own `training` flag: copying the root's
+    flag onto every submodule undid per-layer settings (a layer in training mode under an eval-mode root)."""
+    from raymeta.model.load import load_model, load_tokenizer
+    from raymeta.run.trainer import build_sampler
+    from raymeta.run.validation import validate
+
+    root = tiny_folder
+    overrides = [f"model={root / 'model'}", f"data={root / 'data'}", "setting=toy", f"out={tmp_path / 'run'}", "k=2"]
+    overrides += ["max_length=256", "validation.tasks=1", "validation.k=2", "validation.test_examples=6", "validation.seeds=1"]
+    cfg = load_config(None, overrides)
+    _, held = build_sampler(cfg, None)
+    model, tokenizer = load_model(str(root / "model")), load_tokenizer(str(root / "model"))
+    model.eval()
+    layer = next(m for m in model.modules() if m is not model and any(True for _ in m.children()))
+    layer.train()
+    before = {name: m.training for name, m in model.named_modules()}
+    assert held is not None and validate(model, tokenizer, held, cfg)["val_loss"] > 0
+    assert {name: m.training for name, m in model.named_modules()} == before
+
+
 def test_sweep_runs_trials_in_the_space_stops_some_early_and_its_best_config_trains(ray_local, tiny_folder):
     root = tiny_folder
     sweep = load_sweep(_sweep_file(root, "s4"))

@@ -90,7 +90,7 @@ def held_out_data(cfg: TrainConfig, data: DataDir, tasks: Sequence[str], pools: 
 def validate(model: Any, tokenizer: Any, held: HeldOut, cfg: TrainConfig) -> dict[str, float]:
     """ICL on the held-out tasks (and after adaptation when asked): val_score, val_loss[, val_adapt_*]."""
     v = cfg.run.validation
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]  # each module's own: model.train(flag) would copy the root's
     out: dict[str, float] = {}
     runs: list[tuple[str, AdaptConfig | None]] = [("val", None)]
     if v.adapt_steps:
@@ -109,5 +109,6 @@ def validate(model: Any, tokenizer: Any, held: HeldOut, cfg: TrainConfig) -> dic
         (run,) = res["runs"].values()
         out[f"{prefix}_score"] = run["all"]["mean"]
         out[f"{prefix}_loss"] = sum(t["gold_loss"] for t in run["per_task"].values()) / len(run["per_task"])
-    model.train(was_training)
+    for module, training in modes:
+        module.training = training
     return out
