@@ -98,6 +98,21 @@ def test_mlflow_logs_params_and_metrics_and_a_resumed_run_continues_the_same_mlf
     assert len(client.search_runs([run.info.experiment_id])) == 1
 
 
+def _crash(rank: int, record: dict) -> None:
+    raise RuntimeError("the run broke at step 1")
+
+
+def test_a_crashed_run_is_failed_in_mlflow_not_finished(tiny_folder):
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    out = tiny_folder / "ml-crash"
+    with pytest.raises(RuntimeError, match="broke"):
+        train(_cfg(tiny_folder, "ml-crash", "steps=2", "tracking=mlflow"), progress=False, after_step=_crash)
+    run_id = json.loads((out / "mlflow_run.json").read_text())["run_id"]
+    assert MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}").get_run(run_id).info.status == "FAILED"
+
+
 def test_mlflow_store_on_object_storage_needs_a_tracking_uri(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     config = tmp_path / "c.yaml"

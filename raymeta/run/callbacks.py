@@ -93,7 +93,7 @@ class Tracking(Callback):
     def on_end(self, trainer: MetaTrainer) -> None:
         tracker = getattr(self, "tracker", None)  # None when on_start never ran
         if tracker is not None:
-            tracker.close()
+            tracker.close(failed=getattr(trainer, "error", None) is not None)
 
 
 class Progress(Callback):

@@ -37,7 +37,7 @@ MLFLOW_RUN = "mlflow_run.json"
 class Tracker(Protocol):
     def log(self, record: dict[str, Any]) -> None: ...
     def flush(self) -> None: ...
-    def close(self) -> None: ...
+    def close(self, failed: bool = False) -> None: ...
 
 
 def _numbers(record: dict[str, Any]) -> dict[str, float]:
@@ -70,7 +70,7 @@ class TensorBoard:
         if self.store.local is None:  # object storage: copy the event files into the run folder
             self.store.upload(self.folder, "tensorboard")
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         self.writer.close()
         if self.store.local is None:
             self.store.upload(self.folder, "tensorboard")
@@ -141,8 +141,8 @@ class MLflow:
     def flush(self) -> None:
         pass
 
-    def close(self) -> None:
-        self.client.set_terminated(self.run_id)
+    def close(self, failed: bool = False) -> None:
+        self.client.set_terminated(self.run_id, status="FAILED" if failed else "FINISHED")  # a crash is no finish
 
 
 def open_tracker(cfg: TrainConfig, store: RunStore, start: int) -> Tracker | None:

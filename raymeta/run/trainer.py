@@ -110,7 +110,8 @@ class Local:
 
 class Callback:
     """A part of a run that is not the meta-step: every hook gets the trainer (`cfg`, `backend`, `lead`,
-    `model`, `tokenizer`, `sampler`, `held`, `start`, ...). `on_step` hooks may add keys to the record."""
+    `model`, `tokenizer`, `sampler`, `held`, `start`, ...; in `on_end`, `error`: what ended the run, or
+    None). `on_step` hooks may add keys to the record."""
 
     def on_start(self, trainer: MetaTrainer) -> None:
         pass
@@ -194,6 +195,7 @@ class MetaTrainer:
 
     def _run(self) -> str | None:
         self._call("on_start")
+        self.error: BaseException | None = None  # what ended the run, for on_end (None: it finished)
         try:
             for step in range(self.start + 1, self.cfg.run.steps + 1):
                 record = self.meta_step(step)
@@ -204,6 +206,9 @@ class MetaTrainer:
                 elif self.report_due(step):
                     self.backend.report(record)
                 self._call("after_step", record)
+        except BaseException as e:
+            self.error = e
+            raise
         finally:
             self._call("on_end")
         return self.final
