@@ -6,6 +6,7 @@ their own Ray processes.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,24 @@ def test_ray_executor_gives_the_local_meta_gradient(ray_local, tiny_folder, tmp_
         torch.testing.assert_close(ray_acc.grads[name], local.grads[name], rtol=0, atol=1e-6)
         torch.testing.assert_close(ray_acc.m[name], local.m[name], rtol=0, atol=1e-6)
     assert ray_acc.query_loss == pytest.approx(local.query_loss, abs=1e-6)
+
+
+def test_a_task_process_keeps_one_model_however_many_runs_it_serves(ray_local, tiny_folder, tmp_path, one_thread):
+    """A Ray worker process outlives runs (and restarts, whose checkpoint folders differ): its model cache holds
+    the newest model only, not one more per folder it was ever sent."""
+    import shutil
+
+    from raymeta.run import executor
+
+    learner, cfg = _learner(tiny_folder)
+    params = executor._numpy(learner.flm.params())
+    executor._MODELS.clear()
+    for i in range(3):
+        folder = shutil.copytree(tiny_folder / "model", tmp_path / f"model-{i}")
+        out = executor._run_task(str(folder), params, None, _tasks()[0], cfg.meta, cfg.weights, 1.0, None)
+        assert math.isfinite(out["query_loss"])
+        assert len(executor._MODELS) == 1
+    executor._MODELS.clear()
 
 
 def test_two_workers_follow_the_single_process_trajectory(ray_local, tiny_folder, one_thread):

@@ -78,8 +78,9 @@ def _run_task(
     torch.set_num_threads(max(1, math.ceil(cpus - 1e-9)))
     # the task's GPU when it holds one (Ray sets CUDA_VISIBLE_DEVICES to it), else the CPU
     device = torch.device("cuda") if ray.get_gpu_ids() else torch.device("cpu")
-    key = f"{model_dir}@{device}@{weights}"
+    key = f"{model_dir}@{device}@{weights}@{cfg.method == 'maml_en_llm'}"
     if key not in _MODELS:
+        _MODELS.clear()  # the newest only: a worker process outlives runs and restarts (each a new folder)
         model = prepare(load_model(model_dir, device=device), weights)  # trainable values come with the task
         _MODELS[key] = (model, FunctionalLM(model, math_attention=cfg.method == "maml_en_llm"))
     _, flm = _MODELS[key]
