@@ -406,3 +406,16 @@ def test_bf16_query_policy_keeps_the_inner_loop_in_fp32_and_the_meta_gradient_cl
     flat = {k: torch.cat([g.reshape(-1).double() for g in r.grads.values()]) for k, r in results.items()}
     cosine = float(flat["bf16_query"] @ flat["fp32"] / (flat["bf16_query"].norm() * flat["fp32"].norm()))
     assert 0.999 <= cosine < 1.0
+
+
+def test_a_finiteness_check_reads_the_host_once(monkeypatch):
+    """`all_finite` over a task's gradients: one device-to-host read, not one per tensor (each is a sync on GPU)."""
+    from raymeta.core.meta import all_finite
+
+    reads: list[int] = []
+    real = torch.Tensor.__bool__
+    monkeypatch.setattr(torch.Tensor, "__bool__", lambda self: reads.append(1) or real(self))
+    assert all_finite([torch.ones(3), torch.zeros(2, 2), torch.tensor([1.0])])
+    assert len(reads) == 1
+    assert not all_finite([torch.ones(2), torch.tensor([float("nan")])]) and not all_finite([torch.tensor(float("inf"))])
+    assert all_finite([])
