@@ -11,11 +11,17 @@ import errno
 import os
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 from raymeta import commands
+from raymeta.cli_args import int_list as _int_list
+from raymeta.cli_args import non_negative_float as _non_negative_float
+from raymeta.cli_args import positive as _positive
+from raymeta.cli_args import positive_float as _positive_float
+from raymeta.cli_args import positive_list as _positive_list
+from raymeta.cli_args import str_list as _str_list
 from raymeta.errors import UserError
 
 __all__ = ["main"]
@@ -24,64 +30,6 @@ __all__ = ["main"]
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one integer")
-    return values
-
-
-def _str_list(text: str) -> tuple[str, ...]:
-    values = tuple(x.strip() for x in text.split(",") if x.strip())
-    if not values:
-        raise argparse.ArgumentTypeError("expected a comma-separated list")
-    return values
-
-
-def _float_parser(allow_zero: bool) -> Callable[[str], float]:
-    """A finite number > 0 (or >= 0 with `allow_zero`), for argparse."""
-    expected = "a number >= 0" if allow_zero else "a positive number"
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
-        if not (0 <= value if allow_zero else 0 < value) or value == float("inf"):
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
-        return value
-
-    return parse
-
-
-_positive_float = _float_parser(allow_zero=False)
-_non_negative_float = _float_parser(allow_zero=True)
-
-
-def _positive_list(text: str) -> tuple[int, ...]:
-    values = _int_list(text)
-    bad = [v for v in values if v < 1]
-    if bad:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {bad[0]}")
-    return values
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-# --- parser --------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:

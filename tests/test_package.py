@@ -42,6 +42,7 @@ LAYERS = {
     # the command line
     "raymeta.commands": 6,
     "raymeta.cli": 6,
+    "raymeta.cli_args": 0,
     "raymeta.__main__": 6,
 }
 
