@@ -32,12 +32,15 @@ _API = {
     "TrainConfig": "raymeta.config",
     "load_config": "raymeta.config",
     "EvalConfig": "raymeta.eval.icl",
+    "AdaptConfig": "raymeta.eval.adapt",
+    "adaptation_as_trained": "raymeta.run.api",
     "UserError": "raymeta.errors",
     "train": "raymeta.run.api",
     "evaluate": "raymeta.run.api",
 }
 
 __all__ = [
+    "AdaptConfig",
     "Batch",
     "EvalConfig",
     "FunctionalLM",
@@ -47,6 +50,7 @@ __all__ = [
     "TrainConfig",
     "UserError",
     "__version__",
+    "adaptation_as_trained",
     "evaluate",
     "load_config",
     "task_meta_gradient",
@@ -58,8 +62,9 @@ if TYPE_CHECKING:
     from raymeta.core.lm import Batch, FunctionalLM
     from raymeta.core.meta import MetaConfig, MetaLearner, TaskBatch, task_meta_gradient
     from raymeta.errors import UserError
+    from raymeta.eval.adapt import AdaptConfig
     from raymeta.eval.icl import EvalConfig
-    from raymeta.run.api import evaluate, train
+    from raymeta.run.api import adaptation_as_trained, evaluate, train
 
 
 def __getattr__(name: str) -> Any:

@@ -281,9 +281,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="metaicl (default: each sequence left-truncated on its own, exact) or shared (demonstrations cut once "
         "per task and seed so all sequences fit and share the cached prefix; faster on long inputs)",
     )
-    p.add_argument("--adapt-steps", type=int, default=0, help="adapt first: N inner-optimizer steps on the k labelled examples")
-    p.add_argument("--adapt-lr", type=float, default=1e-5, help="learning rate of the adaptation steps (default 1e-5)")
-    p.add_argument("--adapt-optimizer", default="adamw", help="sgd, adam or adamw (default adamw)")
+    p.add_argument(
+        "--adapt",
+        default=None,
+        metavar="as-trained",
+        help="adapt first with the checkpoint's own inner loop (its inner optimizer, lr, betas, eps, weight decay, "
+        "inner.steps, and its outer state S under moment_policy init/shared) on the k labelled examples",
+    )
+    p.add_argument(
+        "--adapt-steps",
+        type=int,
+        default=0,
+        help="adapt first: N inner-optimizer steps on the k labelled examples (explicit: from zero moments; "
+        "with --adapt as-trained: N instead of inner.steps)",
+    )
+    p.add_argument("--adapt-lr", type=float, default=None, help="explicit adaptation's learning rate (default 1e-5)")
+    p.add_argument("--adapt-optimizer", default=None, help="explicit adaptation's optimizer: sgd, adam or adamw (default adamw)")
     p.add_argument("--spaces", action="store_true", help="MetaICL's original space-separated format instead of newlines")
     p.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16")
     p.add_argument("--device", default="auto", help="auto (CUDA where there is one, else cpu; the default), cpu, cuda or cuda:N")

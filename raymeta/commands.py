@@ -105,12 +105,38 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _adaptation(args: argparse.Namespace) -> Any:
+    """`--adapt as-trained` (the checkpoint's inner loop) or the explicit `--adapt-*` settings, or None."""
+    from raymeta.eval.adapt import AdaptConfig
+
+    if args.adapt is None:
+        if not args.adapt_steps:
+            given = [f for f, v in (("--adapt-lr", args.adapt_lr), ("--adapt-optimizer", args.adapt_optimizer)) if v is not None]
+            if given:
+                raise UserError(f"{given[0]} sets explicit adaptation: give --adapt-steps N too", key="--adapt-steps")
+            return None
+        return AdaptConfig(
+            args.adapt_steps, args.adapt_optimizer or "adamw", args.adapt_lr if args.adapt_lr is not None else 1e-5
+        )
+    if args.adapt != "as-trained":
+        raise UserError(f"expected as-trained, got {args.adapt!r} (explicit adaptation: --adapt-steps N)", key="--adapt")
+    for flag, value in (("--adapt-lr", args.adapt_lr), ("--adapt-optimizer", args.adapt_optimizer)):
+        if value is not None:
+            raise UserError(
+                f"{flag}: --adapt as-trained takes the checkpoint's inner optimizer and lr; drop {flag}", key="--adapt"
+            )
+    if args.merge:
+        raise UserError("--merge: --adapt as-trained adapts the weights the checkpoint trained (its adapters)", key="--adapt")
+    from raymeta.run.api import adaptation_as_trained
+
+    return adaptation_as_trained(args.model, steps=args.adapt_steps or None, root=args.home)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
     from raymeta.core.device import resolve_device
     from raymeta.data import open_data
-    from raymeta.eval.adapt import AdaptConfig
     from raymeta.eval.icl import EvalConfig, model_fingerprint
     from raymeta.eval.report import markdown_table, plot_results
     from raymeta.infra.io import atomic_write_json, atomic_write_text
@@ -128,7 +154,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         newlines=not args.spaces,
         prefix_cache=not args.naive,
         truncation=args.truncation,
-        adapt=AdaptConfig(args.adapt_steps, args.adapt_optimizer, args.adapt_lr) if args.adapt_steps else None,
+        adapt=_adaptation(args),
     )
     data = open_data(args.data, args.home)
     setting = data.setting(args.setting)

@@ -55,6 +55,7 @@ __all__ = [
 ]
 
 EXECUTORS = ("auto", "local", "ray")
+ADAPT_SOURCES = ("as-trained", "explicit")  # raymeta.eval.adapt.SOURCES
 TRACKERS = ("none", "tensorboard", "mlflow")
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
@@ -116,7 +117,10 @@ class ValidationConfig:
     the last step) rank 0 evaluates k-shot ICL on them: `k` demonstrations per seed drawn from the
     task's pool, `test_examples` other examples of the pool as the test set, `seeds` seeds. Reported
     as val_score (macro-F1 / accuracy, mean over tasks and seeds) and val_loss (mean loss of the gold
-    option), optionally after `adapt_steps` steps of adaptation on the demonstrations (val_adapt_score)."""
+    option), optionally after `adapt_steps` steps of adaptation on the demonstrations (val_adapt_score):
+    `adapt: as-trained` (the default) runs the run's own inner loop (inner optimizer and its settings,
+    from the current outer state S under init/shared); `adapt: explicit` runs `inner.optimizer` at
+    `adapt_lr` from zero moments (what validation did before raymeta 0.2)."""
 
     tasks: int = 0  # 0: no validation
     every: int = 0  # 0: at the last step only
@@ -124,7 +128,8 @@ class ValidationConfig:
     seeds: int = 1
     test_examples: int = 16
     adapt_steps: int = 0
-    adapt_lr: float = 1e-5
+    adapt: str = "as-trained"  # as-trained | explicit
+    adapt_lr: float = 1e-5  # explicit only
     seed: int = 0
 
     def validate(self, where: str) -> None:
@@ -143,6 +148,8 @@ class ValidationConfig:
                 ("validation.seed", self.seed),
             ),
         )
+        if self.adapt not in ADAPT_SOURCES:
+            raise _bad(where, "validation.adapt", "one of " + ", ".join(ADAPT_SOURCES), self.adapt)
         if not 0 < self.adapt_lr <= MAX_LR:
             raise _bad(where, "validation.adapt_lr", f"a positive number <= {MAX_LR:g}", self.adapt_lr)
 

@@ -271,6 +271,13 @@ CASES: dict[str, tuple[Case, str]] = {
     "eval --modes unknown": (_eval("--modes", "few-shot"), "unknown mode 'few-shot'"),
     "eval --truncation unknown": (_eval("--truncation", "middle"), "--truncation: expected one of metaicl, shared"),
     "eval --dtype unknown": (_eval("--dtype", "float8"), "--dtype: expected one of"),
+    "eval --adapt unknown": (_eval("--adapt", "sideways"), "--adapt: expected as-trained, got 'sideways'"),
+    "eval --adapt as-trained raw model": (_eval("--adapt", "as-trained"), "not a raymeta checkpoint (no state.json"),
+    "eval --adapt as-trained --adapt-lr": (
+        _eval("--adapt", "as-trained", "--adapt-lr", "1e-3"),
+        "--adapt-lr: --adapt as-trained",
+    ),
+    "eval --adapt-lr alone": (_eval("--adapt-lr", "1e-3"), "--adapt-lr sets explicit adaptation: give --adapt-steps N"),
     "eval --address unreachable": (_eval("--workers", "2", "--address", "127.0.0.1:9"), "--address: 127.0.0.1:9: cannot connect"),
     "data bigbench --k -1": (
         _cli("data", "bigbench", "--tasks", "x", "--out", "OUT", "--k", "-1"),

@@ -22,7 +22,7 @@ import json
 import random
 import zlib
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -96,7 +96,9 @@ class EvalConfig:
 
 def config_record(cfg: EvalConfig) -> dict[str, Any]:
     """The evaluation config as results files store it (JSON types: lists, not tuples)."""
-    return json.loads(json.dumps(asdict(cfg)))
+    record = asdict(replace(cfg, adapt=None))
+    record["adapt"] = cfg.adapt.record() if cfg.adapt is not None else None  # S by its sha256, not its tensors
+    return json.loads(json.dumps(record))
 
 
 def _subsample(examples: list[Example], cfg: EvalConfig, task: str) -> list[Example]:
@@ -283,7 +285,7 @@ def assemble(
     """The results dict (JSON-able) from the units and their results (in any order)."""
     by_key = {(r.variant, r.mode, r.task, r.seed): r for r in results}
     unit_of = {(u.task, u.seed): u for u in units}
-    suffix = f"+adapt{cfg.adapt.steps}" if cfg.adapt is not None else ""
+    suffix = cfg.adapt.suffix if cfg.adapt is not None else ""
     runs: dict[str, Any] = {}
     for variant in cfg.variants:
         for mode in cfg.modes:
@@ -332,7 +334,7 @@ def assemble(
 
 def sample_records(units: Sequence[Unit], results: Iterable[UnitResult], cfg: EvalConfig) -> Iterable[dict[str, Any]]:
     """One record per scored test example: its option losses, the prediction and the gold output."""
-    suffix = f"+adapt{cfg.adapt.steps}" if cfg.adapt is not None else ""
+    suffix = cfg.adapt.suffix if cfg.adapt is not None else ""
     tests = {(u.task, u.seed): u.tests for u in units}
     for r in sorted(results, key=lambda r: (r.variant, r.mode, r.task, r.seed)):
         at = 0
@@ -375,7 +377,7 @@ def evaluate_setting(
     model.eval()
     model_id = model_id or model_fingerprint(model)
     units = plan(data, setting, cfg)
-    suffix = f"+adapt{cfg.adapt.steps}" if cfg.adapt is not None else ""
+    suffix = cfg.adapt.suffix if cfg.adapt is not None else ""
     results: list[UnitResult] = []
     with tqdm(total=len(units), desc=f"evaluating {setting.name}", unit="run", disable=not progress) as bar:
         for unit in units:

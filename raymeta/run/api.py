@@ -11,30 +11,34 @@ print(results["runs"]["direct/icl"]["all"]["mean"])
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from raymeta.config import TrainConfig, flatten, to_dict, with_absolute_paths
+from raymeta.config import TrainConfig, apply_overrides, flatten, to_dict, with_absolute_paths
 from raymeta.core.device import resolve_device
 from raymeta.data import open_data
 from raymeta.data.layout import DataDir
-from raymeta.errors import UserError
+from raymeta.errors import UserError, first_line
+from raymeta.eval.adapt import AdaptConfig
 from raymeta.eval.icl import EvalConfig, LossCache, evaluate_setting
+from raymeta.infra.io import sha256_file
 from raymeta.infra.paths import paths
 from raymeta.infra.ray_session import connect, describe, joined_address
 from raymeta.infra.storage import RunStore
-from raymeta.model.load import check_weights, load_model, load_tokenizer
+from raymeta.model.load import check_weights, load_model, load_tokenizer, resolve_model_dir
 from raymeta.run.callbacks import StepHook, standard_callbacks
-from raymeta.run.checkpoint import latest_step, usable_checkpoint
+from raymeta.run.checkpoint import MANIFEST, latest_step, usable_checkpoint
 from raymeta.run.lock import clean_orphans, run_lock
 from raymeta.run.ray_train import fit
 from raymeta.run.tracking import check_tracking
 from raymeta.run.trainer import Local, MetaTrainer, Restored, preflight
 
-__all__ = ["evaluate", "train"]
+__all__ = ["adaptation_as_trained", "evaluate", "train"]
 
 
 def train(
@@ -213,9 +217,20 @@ def evaluate(
     merged with `merge`), or a loaded causal LM (then pass its `tokenizer`; it is scored where it is).
     Evaluation settings come as an `EvalConfig` or as its fields (`k=4, seeds=(100, 13),
     variants=("direct",), modes=("icl",), max_test_examples=10`). Per-option losses are cached under
-    raymeta's home unless `cache=False`. `samples`, a list, receives one record per scored example."""
+    raymeta's home unless `cache=False`. `samples`, a list, receives one record per scored example.
+    `adapt=AdaptConfig(steps, optimizer, lr)` adapts each target task's k examples first (explicit);
+    `adapt="as-trained"` adapts a checkpoint with its own inner loop (`adaptation_as_trained`)."""
     if config is not None and options:
         raise UserError(f"pass either config or its fields ({', '.join(options)}), not both", key="config")
+    if options.get("adapt") == "as-trained" or (config is not None and config.adapt == "as-trained"):
+        if not isinstance(model, str):
+            raise UserError("adapt='as-trained' reads the checkpoint's training state: pass the checkpoint's path", key="adapt")
+        if merge:
+            raise UserError(
+                "adapt='as-trained' adapts the weights the checkpoint trained (its adapters); drop merge", key="adapt"
+            )
+        adapt = adaptation_as_trained(model, root=root)
+        config, options = (replace(config, adapt=adapt), options) if config is not None else (None, {**options, "adapt": adapt})
     cfg = config or EvalConfig(**options)
     if isinstance(model, str):
         tokenizer = load_tokenizer(model, root)
@@ -230,3 +245,50 @@ def evaluate(
     if loss_cache is not None:
         results["loss_cache"] = {"hits": loss_cache.hits, "misses": loss_cache.misses}
     return results
+
+
+def _tensor_names(path: Path) -> list[str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    except Exception as e:  # noqa: BLE001 - a torn or foreign file: one line
+        raise UserError(f"{path}: unreadable ({first_line(e)})", key="adapt") from None
+
+
+def adaptation_as_trained(checkpoint: str | Path, *, steps: int | None = None, root: Path | None = None) -> AdaptConfig:
+    """The inner loop a raymeta checkpoint was meta-trained with, as an `AdaptConfig` for `evaluate`:
+    its inner optimizer and settings, `inner.steps` (or `steps`), and its outer state S under
+    `moment_policy: init` or `shared`. A folder without a raymeta training state (a raw model), a metaicl
+    checkpoint (no inner loop) or one without S is refused in one line."""
+    spec = str(checkpoint)
+    explicit = "; adapt it explicitly (--adapt-steps/--adapt-lr/--adapt-optimizer)"
+    folder = resolve_model_dir(spec, root)
+    ckpt = next((f for f in (folder, folder.parent) if (f / "state.json").is_file()), None)
+    if ckpt is None:
+        raise UserError(f"{spec}: not a raymeta checkpoint (no state.json with its training config){explicit}", key="adapt")
+    try:
+        state = json.loads((ckpt / "state.json").read_text())
+        cfg = apply_overrides(TrainConfig(), state["config"], f"{ckpt / 'state.json'}").validate(str(ckpt / "state.json"))
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{ckpt / 'state.json'}: unreadable training config ({e}){explicit}", key="adapt") from None
+    meta = cfg.meta
+    if meta.method == "metaicl":
+        raise UserError(f"{spec}: meta-trained with method metaicl, which has no inner loop{explicit}", key="adapt")
+    state_file = state_sha = None
+    if meta.moment_policy != "none" and meta.inner_spec().has_moments:
+        path = ckpt / "optimizer.safetensors"
+        if not path.is_file() or not any(k.startswith("m.") for k in _tensor_names(path)):
+            raise UserError(
+                f"{spec}: moment_policy {meta.moment_policy} starts the inner loop from the outer state S, and this "
+                f"checkpoint has none (optimizer.safetensors missing or empty){explicit}",
+                key="adapt",
+            )
+        record = json.loads((ckpt / MANIFEST).read_text())["files"] if (ckpt / MANIFEST).is_file() else {}
+        state_file = str(path.resolve())
+        state_sha = record["optimizer.safetensors"][1] if "optimizer.safetensors" in record else sha256_file(path)
+    adapt = AdaptConfig.as_trained(
+        meta, steps=steps, state_file=state_file, state_sha256=state_sha, checkpoint=str(ckpt), trainable=cfg.weights.trainable
+    )
+    return replace(adapt, state_step=int(state.get("optimizer_step", 0))) if state_file else adapt

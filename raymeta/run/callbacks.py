@@ -45,7 +45,9 @@ StepHook = Callable[[int, dict[str, Any]], None]
 class Validation(Callback):
     def on_step(self, trainer: MetaTrainer, record: dict[str, Any]) -> None:
         if trainer.lead and trainer.held is not None and trainer.validation_due(record["step"]):
-            record.update(validate(trainer.model, trainer.tokenizer, trainer.held, trainer.cfg))
+            record.update(
+                validate(trainer.model, trainer.tokenizer, trainer.held, trainer.cfg, trainer.learner.state, record["step"])
+            )
 
 
 class MetricsFile(Callback):

@@ -17,12 +17,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from raymeta.config import TrainConfig
+from raymeta.core.optim import AdamState
 from raymeta.data.layout import DataDir, Example, Setting
 from raymeta.errors import UserError
 from raymeta.eval.adapt import AdaptConfig
 from raymeta.eval.icl import EvalConfig, evaluate_setting
 
-__all__ = ["HeldOut", "held_out_tasks", "held_out_data", "validate"]
+__all__ = ["HeldOut", "held_out_data", "held_out_tasks", "validate", "validation_adaptation"]
 
 
 def _scorable(examples: Sequence[Example]) -> bool:
@@ -87,14 +88,29 @@ def held_out_data(cfg: TrainConfig, data: DataDir, tasks: Sequence[str], pools: 
     return HeldOut(setting, {t: data.task_meta(t) for t in tasks}, demos, tests, seeds)
 
 
-def validate(model: Any, tokenizer: Any, held: HeldOut, cfg: TrainConfig) -> dict[str, float]:
-    """ICL on the held-out tasks (and after adaptation when asked): val_score, val_loss[, val_adapt_*]."""
+def validation_adaptation(cfg: TrainConfig, state: AdamState | None, step: int) -> AdaptConfig | None:
+    """What val_adapt_* adapts with: the run's own inner loop from the outer state S as it is now (as-trained,
+    the default), or `inner.optimizer` at `adapt_lr` from zero moments (explicit); None without adapt_steps."""
+    v = cfg.run.validation
+    if not v.adapt_steps:
+        return None
+    if v.adapt == "explicit":
+        return AdaptConfig(v.adapt_steps, cfg.meta.inner.optimizer, v.adapt_lr)
+    return AdaptConfig.as_trained(cfg.meta, steps=v.adapt_steps, state=state, state_sha256=f"in-memory:step-{step}")
+
+
+def validate(
+    model: Any, tokenizer: Any, held: HeldOut, cfg: TrainConfig, state: AdamState | None = None, step: int = 0
+) -> dict[str, float]:
+    """ICL on the held-out tasks (and after adaptation when asked): val_score, val_loss[, val_adapt_*].
+    `state` is the outer optimizer's state S (as-trained adaptation starts from it under init/shared)."""
     v = cfg.run.validation
     modes = [(m, m.training) for m in model.modules()]  # each module's own: model.train(flag) would copy the root's
     out: dict[str, float] = {}
     runs: list[tuple[str, AdaptConfig | None]] = [("val", None)]
-    if v.adapt_steps:
-        runs.append(("val_adapt", AdaptConfig(v.adapt_steps, cfg.meta.inner.optimizer, v.adapt_lr)))
+    adapt = validation_adaptation(cfg, state, step)
+    if adapt is not None:
+        runs.append(("val_adapt", adapt))
     for prefix, adapt in runs:
         ecfg = EvalConfig(
             k=v.k,
