@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -189,3 +190,30 @@ def test_lora_run_validates_and_its_checkpoint_adapts_its_adapters(tmp_path, gpt
     for merge in (False, True):  # adaptation adapts the adapters, or every weight once merged
         out = evaluate(str(final), data=data, setting="toy", config=cfg, cache=False, merge=merge)
         assert "direct/icl+adapt1" in out["runs"]
+
+
+def test_a_trainable_head_under_peft_is_the_one_the_loss_uses():
+    """Under PEFT the head's name is looked up among the Hugging Face names that `params()` uses: a
+    trainable head passed in `params` is the head of the loss (before, the module's own was used, so
+    an adapted head never reached the query loss and got no meta-gradient through it)."""
+    from raymeta.core.lm import Batch, FunctionalLM
+
+    model = _lora(tiny_gpt2(vocab_size=V, dtype=torch.float64), target="c_attn")
+    for n, p in model.named_parameters():
+        if n.endswith("wte.weight"):  # GPT-2's head is tied to the token embedding
+            p.requires_grad_(True)
+    flm = FunctionalLM(model)
+    params = flm.params()
+    assert flm.head_name in params
+    batch = Batch(torch.tensor([[1, 2, 3, 4, 5]]), ((2, 5),))
+    zero_head = {**params, flm.head_name: torch.zeros_like(params[flm.head_name])}
+    with torch.no_grad():
+        assert float(flm.loss(zero_head, batch)) == pytest.approx(math.log(V), rel=1e-12)  # uniform logits
+
+
+def test_batch_counts_scored_tokens_and_positions():
+    from raymeta.core.lm import Batch
+
+    batch = Batch(torch.zeros(2, 12, dtype=torch.long), ((8, 12), (3, 5)))
+    assert batch.n_tokens == 4 + 2  # the scored tokens (before: the span ends, 12 + 5)
+    assert batch.n_positions == 24

@@ -35,7 +35,13 @@ class Batch:
 
     @property
     def n_tokens(self) -> int:
-        return sum(e for _, e in self.spans)
+        """The scored tokens: what the loss averages over (Σ end − start)."""
+        return sum(e - s for s, e in self.spans)
+
+    @property
+    def n_positions(self) -> int:
+        """The token positions a forward pass runs: rows × width, padding included."""
+        return int(self.ids.numel())
 
 
 def span_positions(spans: Sequence[tuple[int, int]], device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,7 +88,7 @@ class FunctionalLM:
         self.model: torch.nn.Module = hf
         self.base: torch.nn.Module = hf.base_model
         self.prefix = hf.base_model_prefix + "."
-        named = dict(model.named_parameters())
+        named = dict(hf.named_parameters())  # the Hugging Face names, as `params()` (not a PeftModel's own)
         head = hf.get_output_embeddings()
         by_id = {id(p): n for n, p in named.items()}
         if id(head.weight) not in by_id:

@@ -207,13 +207,14 @@ def task_meta_gradient(
     inner_bf16 = cfg.precision == "bf16"
     query_bf16 = cfg.precision in ("bf16", "bf16_query")
     names = list(params)
-    n_tokens = batch.support.n_tokens * cfg.inner.steps + batch.query.n_tokens
+    # the token positions the task's forward passes run (K support passes and one query pass)
+    n_tokens = batch.support.n_positions * cfg.inner.steps + batch.query.n_positions
     with autocast(query_bf16):
         if cfg.method == "metaicl":
             loss = flm.loss(params, batch.query)
             grads = torch.autograd.grad(loss, [params[n] for n in names])
             value = item(loss)
-            return TaskResult(dict(zip(names, grads)), None, value, value, batch.query.n_tokens)
+            return TaskResult(dict(zip(names, grads)), None, value, value, batch.query.n_positions)
 
     second = cfg.method == "maml_en_llm"
     spec = cfg.inner_spec()
