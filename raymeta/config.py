@@ -262,6 +262,8 @@ class TrainConfig:
             )
         self.tasks.validate(where)
         self.run.validate(where)
+        if self.meta.outer.warmup_steps > self.run.steps:
+            raise _bad(where, "outer.warmup_steps", f"at most steps ({self.run.steps})", self.meta.outer.warmup_steps)
         self.placement.validate(where)
         return self
 
@@ -290,6 +292,9 @@ def to_dict(cfg: TrainConfig) -> dict[str, Any]:
     for section in dataclasses.fields(TrainConfig):
         out.update(dataclasses.asdict(getattr(cfg, section.name)))
     out["betas"] = list(cfg.meta.betas)
+    for loop in ("inner", "outer"):  # JSON and YAML types: lists, not tuples
+        betas = getattr(cfg.meta, loop).betas
+        out[loop]["betas"] = list(betas) if betas is not None else None
     return out
 
 

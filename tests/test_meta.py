@@ -49,6 +49,9 @@ def _objective(flm: FunctionalLM, params, outer_state, batch: TaskBatch, cfg: Me
             with torch.enable_grad():
                 leaf = {n: t.detach().requires_grad_() for n, t in theta.items()}
                 grads = torch.autograd.grad(flm.loss(leaf, batch.support), list(leaf.values()))
+            if cfg.inner.grad_clip:  # torch.nn.utils.clip_grad_norm_'s rule, written out
+                norm = float(torch.sqrt(sum(g.pow(2).sum() for g in grads)))
+                grads = tuple(g * min(1.0, cfg.inner.grad_clip / (norm + 1e-6)) for g in grads)
             theta, state = optimizer_step(cfg.inner_spec(), theta, dict(zip(leaf, grads)), state)
         return float(flm.loss(theta, batch.query))
 
@@ -56,16 +59,19 @@ def _objective(flm: FunctionalLM, params, outer_state, batch: TaskBatch, cfg: Me
 CASES = [("sgd", "none")] + [(inner, policy) for inner in ("adam", "adamw") for policy in ("none", "init", "shared")]
 
 
-def _fd_check(make, steps: int, inner: str, policy: str, h: float, rel: float) -> None:
+def _fd_check(make, steps: int, inner: str, policy: str, h: float, rel: float, inner_clip: float = 0.0) -> TaskResult:
     model = make(vocab_size=V, dtype=torch.float64)
     # eps = 1e-4: with zero starting moments Adam's first step is about lr * g / (|g| + eps), nearly
     # sign(g); a larger eps keeps the objective smooth on the scale of the finite-difference step
     cfg = _cfg(inner=inner, policy=policy, steps=steps, weight_decay=0.01, eps=1e-4)
+    cfg.inner.grad_clip = inner_clip
     flm = FunctionalLM(model)
     params = flm.params()
     outer = _outer_state(params) if policy != "none" else None
     batch = TaskBatch("t", _batch(1), _batch(2))
-    assert_matches_finite_differences(flm, params, outer, batch, cfg, task_meta_gradient(flm, params, outer, batch, cfg), h, rel)
+    result = task_meta_gradient(flm, params, outer, batch, cfg)
+    assert_matches_finite_differences(flm, params, outer, batch, cfg, result, h, rel)
+    return result
 
 
 def assert_matches_finite_differences(flm, params, outer, batch, cfg, result, h: float, rel: float) -> None:
@@ -87,6 +93,14 @@ def assert_matches_finite_differences(flm, params, outer, batch, cfg, result, h:
 def test_second_order_meta_gradient_matches_finite_differences(steps, inner, policy):
     # GPT-2 computes everything in float64, so central differences are exact to about 1e-9
     _fd_check(tiny_gpt2, steps, inner, policy, h=1e-6, rel=1e-6)
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+@pytest.mark.parametrize("inner,policy", [("sgd", "none"), ("adamw", "shared")])
+def test_second_order_through_inner_grad_clip_matches_finite_differences(steps, inner, policy):
+    # a clip well below the support gradients' norm, so every inner step is clipped (and differentiated)
+    result = _fd_check(tiny_gpt2, steps, inner, policy, h=1e-6, rel=1e-6, inner_clip=0.05)
+    assert result.support_grad_norm > 0.5  # the pre-clip norm: ten times the clip
 
 
 def test_second_order_meta_gradient_on_llama_architecture():
@@ -182,9 +196,9 @@ def test_shared_moments_rule_on_hand_worked_numbers():
             p.fill_(1.0)
     acc = Accumulator()
     # two tasks: meta-gradients 0.1 and 0.3 (mean 0.2); final inner moments (0.3, 0.09) and (0.5, 0.25)
-    for g, m, v in ((0.1, 0.3, 0.09), (0.3, 0.5, 0.25)):
-        acc.add(TaskResult(full(g), AdamState(full(m), full(v), 3), 1.0, 1.0, 10))
-    learner.apply(acc)
+    for g, m, v, norm in ((0.1, 0.3, 0.09, 2.0), (0.3, 0.5, 0.25, 3.0)):
+        acc.add(TaskResult(full(g), AdamState(full(m), full(v), 3), 1.0, 1.0, 10, norm))
+    metrics = learner.apply(acc)
     # shared: m = (0.3 + 0.5) / 2 = 0.4, v = (0.09 + 0.25) / 2 = 0.17, step = 2 + K(1) = 3
     # outer Adam with g = 0.2:  m = 0.9 * 0.4 + 0.1 * 0.2 = 0.38
     #                           v = 0.999 * 0.17 + 0.001 * 0.04 = 0.16987, step = 4
@@ -198,6 +212,9 @@ def test_shared_moments_rule_on_hand_worked_numbers():
     assert float(learner.state.v[name].flatten()[0]) == pytest.approx(0.16987, rel=1e-12)
     assert float(params[name].detach().flatten()[0]) == pytest.approx(expected, rel=1e-12)
     assert expected == pytest.approx(0.98305673, abs=1e-8)
+    # meta_share: the step's m = 0.9 · 0.4 (support stream) + 0.1 · 0.2 (meta-gradient), one denominator
+    assert metrics.meta_share == pytest.approx(0.02 / 0.38, rel=1e-12)
+    assert metrics.support_grad_norm == pytest.approx(2.5) and metrics.outer_lr == 0.1
 
 
 def test_init_policy_leaves_the_outer_state_to_the_meta_gradient():
@@ -222,7 +239,7 @@ def test_init_policy_leaves_the_outer_state_to_the_meta_gradient():
             1,
         )
     )
-    learner.apply(acc)
+    assert learner.apply(acc).meta_share is None  # no support stream in the outer moments to split from
     name = next(iter(params))
     assert learner.state is not None and learner.state.step == 3
     assert float(learner.state.m[name].flatten()[0]) == pytest.approx(0.9 * 0.1 + 0.1 * 0.2)  # the inner 9.0 is ignored
@@ -419,3 +436,61 @@ def test_a_finiteness_check_reads_the_host_once(monkeypatch):
     assert len(reads) == 1
     assert not all_finite([torch.ones(2), torch.tensor([float("nan")])]) and not all_finite([torch.tensor(float("inf"))])
     assert all_finite([])
+
+
+@pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
+def test_outer_schedule_is_hugging_faces(schedule):
+    import transformers
+
+    from raymeta.core.meta import schedule_factor
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    make = {
+        "constant": lambda: transformers.get_constant_schedule_with_warmup(opt, 2),
+        "linear": lambda: transformers.get_linear_schedule_with_warmup(opt, 2, 7),
+        "cosine": lambda: transformers.get_cosine_schedule_with_warmup(opt, 2, 7),
+    }[schedule]
+    hf = make()
+    for done in range(7):
+        assert schedule_factor(schedule, 2, 7, done) == pytest.approx(hf.get_last_lr()[0], abs=1e-12), done
+        opt.step()
+        hf.step()
+
+
+def test_per_loop_settings_override_the_flat_keys_and_no_decay_spares_norms_biases_embeddings():
+    from raymeta.core.meta import InnerConfig, OuterConfig
+
+    cfg = MetaConfig(
+        betas=(0.8, 0.9),
+        eps=1e-7,
+        weight_decay=0.1,
+        inner=InnerConfig(betas=(0.5, 0.6), weight_decay=0.0),
+        outer=OuterConfig(eps=1e-5),
+    )
+    inner, outer = cfg.inner_spec(), cfg.outer_spec()
+    assert (inner.betas, inner.eps, inner.weight_decay) == ((0.5, 0.6), 1e-7, 0.0)
+    assert (outer.betas, outer.eps, outer.weight_decay) == ((0.8, 0.9), 1e-5, 0.1)
+
+    model = tiny_gpt2(vocab_size=V, dtype=torch.float64)
+    flm = FunctionalLM(model)
+    exempt = flm.no_decay_names()
+    assert {"transformer.wte.weight", "transformer.wpe.weight", "transformer.ln_f.weight", "transformer.ln_f.bias"} <= exempt
+    assert "transformer.h.0.attn.c_attn.weight" not in exempt and "transformer.h.0.attn.c_attn.bias" in exempt
+    params = {n: p.detach() for n, p in flm.params().items()}
+    zero = {n: torch.zeros_like(p) for n, p in params.items()}
+    for name in ("adamw", "adam", "sgd"):
+        spec = OptimizerSpec(name, 0.1, weight_decay=0.5, no_decay=exempt)
+        state = zeros_state(params) if name != "sgd" else None
+        for step in (optimizer_step, reference_step_of):
+            new, _ = step(spec, params, zero, state)
+            for n, p in params.items():  # zero gradients: only the decay moves a weight
+                if n in exempt:
+                    assert torch.equal(new[n], p), (name, n)
+                else:
+                    assert not torch.equal(new[n], p), (name, n)
+
+
+def reference_step_of(spec, params, grads, state):
+    from raymeta.core.optim import reference_step
+
+    return reference_step(spec, params, grads, state)

@@ -128,3 +128,33 @@ def test_resume_compares_model_and_data_as_absolute_paths(tmp_path, monkeypatch)
     check_resume_config(saved, wanted, False, "ckpt")
     with pytest.raises(UserError, match="data: "):
         check_resume_config(saved, to_dict(load_config(None, ["model=model", "data=other"])), False, "ckpt")
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop_at(step: int):
+    def hook(record: dict) -> None:
+        if record["step"] == step:
+            raise _Stop
+
+    return hook
+
+
+def test_resume_covers_the_outer_schedule_exactly(tmp_path, tiny_setup):
+    """outer.schedule and warm-up: an interrupted run resumed from its step-2 checkpoint ends bit for bit
+    where the straight run ends, and the logged outer lr follows Hugging Face's linear schedule."""
+    model_dir, data = tiny_setup
+    extra = ("steps=4", "outer.schedule=linear", "outer.warmup_steps=1", "weight_decay=0.01", "no_decay=true")
+    straight = train(_cfg(tmp_path, model_dir, data, "a", *extra), progress=False)
+    with pytest.raises(_Stop):
+        train(_cfg(tmp_path, model_dir, data, "b", *extra), progress=False, on_step=_stop_at(3))
+    resumed = train(_cfg(tmp_path, model_dir, data, "b", *extra), resume=True, progress=False)
+    a, b = load_file(str(straight / "model" / "model.safetensors")), load_file(str(resumed / "model" / "model.safetensors"))
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)  # bit for bit
+    la = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    lb = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["outer_lr"] for r in la] == pytest.approx([0.0, 1e-3, 1e-3 * 2 / 3, 1e-3 / 3])  # warm-up from 0, then to 0 at 4
+    assert [r["outer_lr"] for r in lb][-2:] == [r["outer_lr"] for r in la][-2:]
+    assert all(r["meta_share"] >= 0 and r["support_grad_norm"] > 0 for r in la)

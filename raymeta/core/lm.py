@@ -99,6 +99,17 @@ class FunctionalLM:
         self.names = [n for n, p in named.items() if p.requires_grad]
         self.math_attention = math_attention
 
+    def no_decay_names(self) -> frozenset[str]:
+        """The trainable weights that `no_decay: true` exempts from weight decay: biases, and the weights
+        of embeddings and normalisation layers (any module whose class name has "Norm": LayerNorm,
+        RMSNorm, ...), as Hugging Face's Trainer leaves them out. A head tied to the embedding is one."""
+        trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
+        out = {n for n in trainable if n.endswith("bias")}
+        for prefix, module in self.model.named_modules():
+            if isinstance(module, torch.nn.Embedding) or "Norm" in type(module).__name__:
+                out |= {f"{prefix}.{n}" if prefix else n for n, _ in module.named_parameters(recurse=False)}
+        return frozenset(out & trainable)
+
     @property
     def device(self) -> torch.device:
         return self.head_weight.device

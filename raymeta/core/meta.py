@@ -29,20 +29,33 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from raymeta.core.inner import adapt, inner_start
 from raymeta.core.lm import Batch, FunctionalLM, enable_activation_checkpointing
-from raymeta.core.optim import OPTIMIZERS, AdamState, OptimizerSpec, detached, optimizer_step, zeros_state
+from raymeta.core.optim import AdamState, OptimizerSpec, detached, optimizer_step, zeros_state
+from raymeta.core.settings import (
+    MAX_LR,
+    METHODS,
+    MOMENT_POLICIES,
+    PRECISIONS,
+    SCHEDULES,
+    InnerConfig,
+    MetaConfig,
+    OuterConfig,
+    schedule_factor,
+)
 from raymeta.errors import UserError
 
 __all__ = [
+    "MAX_LR",
     "METHODS",
     "MOMENT_POLICIES",
     "PRECISIONS",
+    "SCHEDULES",
     "Accumulator",
     "InnerConfig",
     "MetaConfig",
@@ -51,109 +64,13 @@ __all__ = [
     "StepMetrics",
     "TaskBatch",
     "TaskResult",
+    "meta_share",
+    "schedule_factor",
     "task_meta_gradient",
 ]
 
-METHODS = ("maml_en_llm", "fomaml", "reptile", "metaicl")
-MOMENT_POLICIES = ("none", "init", "shared")
-PRECISIONS = ("fp32", "bf16", "bf16_query")
 
 Tensors = dict[str, torch.Tensor]
-
-
-@dataclass
-class InnerConfig:
-    optimizer: str = "adamw"
-    lr: float = 1e-5
-    steps: int = 1
-
-
-@dataclass
-class OuterConfig:
-    optimizer: str = "adamw"
-    lr: float = 1e-5
-
-
-MAX_LR = 1e6  # Adam's step lr / (1 - beta1) must fit a float32; 1e6 is far beyond any useful rate
-
-
-@dataclass
-class MetaConfig:
-    """The algorithm: method, inner and outer optimizers, moment policy, clipping, precision.
-
-    The names are the config keys of `raymeta train` (`inner.lr`, `moment_policy`, ...); this is all
-    that `task_meta_gradient` and `MetaLearner` read. Data, run and placement settings live elsewhere
-    (`raymeta.config.TrainConfig` composes them)."""
-
-    method: str = "maml_en_llm"
-    inner: InnerConfig = field(default_factory=InnerConfig)
-    outer: OuterConfig = field(default_factory=OuterConfig)
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    eps_root: float = 1e-16
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0  # on the meta-gradient's global norm; 0 turns clipping off
-    moment_policy: str = "shared"
-    precision: str = "fp32"
-    activation_checkpointing: bool = False
-
-    def validate(self, where: str = "config") -> MetaConfig:
-        def bad(key: str, expected: str, got: Any) -> UserError:
-            return UserError(f"expected {expected}, got {got!r}", key=key, where=where)
-
-        for key, value, allowed in (
-            ("method", self.method, METHODS),
-            ("moment_policy", self.moment_policy, MOMENT_POLICIES),
-            ("precision", self.precision, PRECISIONS),
-            ("inner.optimizer", self.inner.optimizer, OPTIMIZERS),
-            ("outer.optimizer", self.outer.optimizer, OPTIMIZERS),
-        ):
-            if value not in allowed:
-                raise bad(key, "one of " + ", ".join(allowed), value)
-        for key, rate in (("inner.lr", self.inner.lr), ("outer.lr", self.outer.lr)):
-            if not 0 < rate <= MAX_LR:
-                raise bad(key, f"a positive number <= {MAX_LR:g} (larger ones overflow the float32 update)", rate)
-        for key, number in (
-            ("eps", self.eps),
-            ("eps_root", self.eps_root),
-            ("weight_decay", self.weight_decay),
-            ("grad_clip", self.grad_clip),
-        ):
-            if number < 0:
-                raise bad(key, "a number >= 0", number)
-        if self.inner.steps < 1:
-            raise bad("inner.steps", "an integer >= 1", self.inner.steps)
-        if not all(0 <= b < 1 for b in self.betas) or len(self.betas) != 2:
-            raise bad("betas", "two numbers in [0, 1)", list(self.betas))
-        if self.activation_checkpointing and self.method != "metaicl":
-            raise bad(
-                "activation_checkpointing",
-                "false for method " + self.method + " (recomputed activations would not see the adapted weights, which "
-                "silently corrupts meta-gradients; it is exact, and allowed, for metaicl)",
-                True,
-            )
-        if self.moment_policy != "none" and self.method in ("maml_en_llm", "fomaml", "reptile"):
-            if not (self.inner_spec().has_moments and self.outer_spec().has_moments):
-                raise bad(
-                    "moment_policy",
-                    "'none' unless inner.optimizer and outer.optimizer are both adam or adamw "
-                    "(there are no moments to start from or share)",
-                    self.moment_policy,
-                )
-        return self
-
-    @property
-    def shares_moments(self) -> bool:
-        """Whether the tasks' final inner moments become the outer optimizer's (`shared`; MetaICL has no
-        inner loop to take them from)."""
-        return self.moment_policy == "shared" and self.method != "metaicl"
-
-    def inner_spec(self) -> OptimizerSpec:
-        return OptimizerSpec(self.inner.optimizer, self.inner.lr, self.betas, self.eps, self.eps_root, self.weight_decay)
-
-    def outer_spec(self) -> OptimizerSpec:
-        # the outer step is never differentiated: no guard, exactly torch.optim.Adam(W)
-        return OptimizerSpec(self.outer.optimizer, self.outer.lr, self.betas, self.eps, 0.0, self.weight_decay)
 
 
 def item(t: torch.Tensor) -> float:
@@ -187,6 +104,7 @@ class TaskResult:
     support_loss: float
     query_loss: float
     n_tokens: int
+    support_grad_norm: float = float("nan")  # the first support gradient's global norm, before inner.grad_clip
 
     @property
     def finite(self) -> bool:
@@ -217,9 +135,9 @@ def task_meta_gradient(
             return TaskResult(dict(zip(names, grads)), None, value, value, batch.query.n_positions)
 
     second = cfg.method == "maml_en_llm"
-    spec = cfg.inner_spec()
+    spec = cfg.inner_spec(flm.no_decay_names() if cfg.no_decay else ())
     with autocast(inner_bf16):  # the one inner loop (raymeta.core.inner), as test-time adaptation runs it
-        theta, state, first_loss = adapt(
+        theta, state, first_loss, first_norm = adapt(
             flm,
             dict(params),
             batch.support,
@@ -227,8 +145,13 @@ def task_meta_gradient(
             inner_start(spec, cfg.moment_policy, params, outer_state),
             cfg.inner.steps,
             second_order=second,
+            grad_clip=cfg.inner.grad_clip,
         )
-    support_loss = item(first_loss) if first_loss is not None else float("nan")
+    support_loss, support_norm = (
+        host_values(torch.stack([first_loss.double(), first_norm.double()]))
+        if first_loss is not None and first_norm is not None
+        else (float("nan"), float("nan"))
+    )
     # only `shared` reads the final inner moments: keeping them otherwise costs two model-sized buffers
     final_state = detached(state) if state is not None and cfg.shares_moments else None
     del state  # the graph keeps what the meta-gradient needs; drop the rest before the query pass
@@ -238,21 +161,24 @@ def task_meta_gradient(
             with torch.no_grad():
                 query_loss = item(flm.loss(theta, batch.query))
             meta = {n: params[n].detach() - theta[n].detach() for n in names}
-            return TaskResult(meta, final_state, support_loss, query_loss, n_tokens)
+            return TaskResult(meta, final_state, support_loss, query_loss, n_tokens, support_norm)
 
         loss = flm.loss(theta, batch.query)
         wrt = [params[n] for n in names] if second else [theta[n] for n in names]
         meta_grads = torch.autograd.grad(loss, wrt)
-        return TaskResult(dict(zip(names, meta_grads)), final_state, support_loss, item(loss), n_tokens)
+        return TaskResult(dict(zip(names, meta_grads)), final_state, support_loss, item(loss), n_tokens, support_norm)
 
 
 @dataclass
 class StepMetrics:
     support_loss: float
     query_loss: float
-    grad_norm: float
+    grad_norm: float  # the mean meta-gradient's global norm, before grad_clip
     skipped: bool
     n_tokens: int
+    support_grad_norm: float = float("nan")  # mean over tasks of the first support gradient's norm, before inner.grad_clip
+    meta_share: float | None = None  # ‖Δθ_meta‖ / ‖Δθ‖ of the outer Adam step under shared moments (else None)
+    outer_lr: float = float("nan")  # the outer lr of this step (outer.schedule)
 
 
 class Accumulator:
@@ -265,6 +191,7 @@ class Accumulator:
         self.v: Tensors = {}
         self.support_loss = 0.0
         self.query_loss = 0.0
+        self.support_grad_norm = 0.0
         self.n_tokens = 0
         self.finite = True
 
@@ -272,6 +199,7 @@ class Accumulator:
         self.n += 1
         self.support_loss += r.support_loss
         self.query_loss += r.query_loss
+        self.support_grad_norm += r.support_grad_norm
         self.n_tokens += r.n_tokens
         if not r.finite:
             self.finite = False
@@ -286,6 +214,24 @@ class Accumulator:
                     target[name] += t.detach()
                 else:
                     target[name] = t.detach().clone()
+
+
+def meta_share(spec: OptimizerSpec, meta: Tensors, state: AdamState) -> float:
+    """The meta-gradient's share of an outer Adam step under shared moments, ‖Δθ_meta‖ / ‖Δθ‖.
+
+    The step is Δθ = −s·m'/d with m' = β1·m̄ + (1−β1)·g (m̄ the tasks' mean final inner moments, g the
+    clipped meta-gradient) and d = sqrt(v'/bc2 + eps_root) + eps; it splits along m' into the support
+    stream's β1·m̄ and the meta-gradient's (1−β1)·g, so Δθ_meta = −s·(1−β1)·g/d (the same s and d).
+    Weight decay is left out of both. Read from the new state: one host read."""
+    b1, b2 = spec.betas
+    bc2 = 1 - b2**state.step
+    total = torch.zeros((), dtype=torch.float64, device=next(iter(meta.values())).device)
+    part = total.clone()
+    for nm, g in meta.items():
+        d = torch.sqrt(state.v[nm] / bc2 + spec.eps_root) + spec.eps
+        total += (state.m[nm] / d).double().pow(2).sum()
+        part += ((1 - b1) * g / d).double().pow(2).sum()
+    return item(torch.sqrt(part / total))  # nan for a zero step
 
 
 class MetaLearner:
@@ -308,8 +254,15 @@ class MetaLearner:
     the model is updated in place. A `peft.PeftModel` meta-trains its adapter tensors.
     """
 
-    def __init__(self, model: torch.nn.Module, cfg: MetaConfig) -> None:
+    def __init__(self, model: torch.nn.Module, cfg: MetaConfig, *, total_steps: int | None = None) -> None:
         self.cfg = cfg.validate("MetaConfig")
+        if cfg.outer.schedule != "constant" and total_steps is None:
+            raise UserError(
+                f"{cfg.outer.schedule} decays the outer lr to 0 at the run's last step: give MetaLearner(..., total_steps=N)",
+                key="outer.schedule",
+            )
+        self.total_steps = total_steps
+        self.updates = 0  # meta-steps taken (skipped ones included): where the outer schedule is
         # SDPA's math backend only where double backward is needed; elsewhere the default (faster) kernels
         self.flm = FunctionalLM(model, math_attention=cfg.method == "maml_en_llm")
         if not self.flm.names:
@@ -319,10 +272,16 @@ class MetaLearner:
         if cfg.activation_checkpointing:
             enable_activation_checkpointing(model)
         params = self.flm.params()
+        self.no_decay = self.flm.no_decay_names() if cfg.no_decay else frozenset()
         self.state: AdamState | None = (
             zeros_state({n: p.detach() for n, p in params.items()}) if cfg.outer_spec().has_moments else None
         )
         self.skipped = 0
+
+    def outer_lr(self) -> float:
+        """The outer lr of the next meta-step (`outer.schedule` after `updates` steps)."""
+        o = self.cfg.outer
+        return o.lr * schedule_factor(o.schedule, o.warmup_steps, self.total_steps, self.updates)
 
     @property
     def shares_moments(self) -> bool:
@@ -341,16 +300,18 @@ class MetaLearner:
     def apply(self, acc: Accumulator) -> StepMetrics:
         """Average the tasks' meta-gradients (and moments, for `shared`) and take the outer step."""
         n = acc.n
-        support, query = acc.support_loss / n, acc.query_loss / n
+        support, query, support_norm = acc.support_loss / n, acc.query_loss / n, acc.support_grad_norm / n
+        spec = self.cfg.outer_spec(self.no_decay, self.outer_lr() / self.cfg.outer.lr)
+        self.updates += 1  # a skipped step still moves the schedule on (as a step counter does)
         if not acc.finite:
             self.skipped += 1
-            return StepMetrics(support, query, float("nan"), True, acc.n_tokens)
+            return StepMetrics(support, query, float("nan"), True, acc.n_tokens, support_norm, None, spec.lr)
         params = self.flm.params()
         meta = {nm: g / n for nm, g in acc.grads.items()}
         norm = item(torch.sqrt(sum((g.double().pow(2).sum() for g in meta.values()), torch.zeros((), dtype=torch.float64))))
         if not math.isfinite(norm):
             self.skipped += 1
-            return StepMetrics(support, query, norm, True, acc.n_tokens)
+            return StepMetrics(support, query, norm, True, acc.n_tokens, support_norm, None, spec.lr)
         if self.cfg.grad_clip and norm > self.cfg.grad_clip:
             meta = {nm: g * (self.cfg.grad_clip / norm) for nm, g in meta.items()}
         if self.shares_moments:
@@ -362,10 +323,11 @@ class MetaLearner:
             )
         with torch.no_grad():
             current = {nm: p.detach() for nm, p in params.items()}
-            new, self.state = optimizer_step(self.cfg.outer_spec(), current, meta, self.state)
+            new, self.state = optimizer_step(spec, current, meta, self.state)
             for nm, p in params.items():
                 p.copy_(new[nm])
-        return StepMetrics(support, query, norm, False, acc.n_tokens)
+            share = meta_share(spec, meta, self.state) if self.shares_moments and self.state is not None else None
+        return StepMetrics(support, query, norm, False, acc.n_tokens, support_norm, share, spec.lr)
 
     def step(self, batches: Sequence[TaskBatch]) -> StepMetrics:
         return self.apply(self.accumulate(batches))

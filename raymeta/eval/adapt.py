@@ -50,6 +50,8 @@ class AdaptConfig:
     eps: float = 1e-8
     eps_root: float = 1e-16
     weight_decay: float = 0.0
+    grad_clip: float = 0.0  # each support gradient's global norm before its step (inner.grad_clip); 0: off
+    no_decay: bool = False  # no weight decay on norms, biases and embeddings (the run's no_decay)
     source: str = "explicit"  # explicit | as-trained
     moment_policy: str = "none"  # none: zero moments; init / shared: start from the outer state S
     precision: str = "fp32"  # bf16: the steps under bf16 autocast, as training's inner loop
@@ -99,6 +101,8 @@ class AdaptConfig:
             eps=spec.eps,
             eps_root=spec.eps_root,
             weight_decay=spec.weight_decay,
+            grad_clip=meta.inner.grad_clip,
+            no_decay=meta.no_decay,
             source="as-trained",
             moment_policy=policy,
             precision="bf16" if meta.precision == "bf16" else "fp32",
@@ -116,8 +120,10 @@ class AdaptConfig:
         """What a run's name gains: `+adapt2` (explicit) or `+as-trained1`."""
         return f"+adapt{self.steps}" if self.source == "explicit" else f"+as-trained{self.steps}"
 
-    def spec(self) -> OptimizerSpec:
-        return OptimizerSpec(self.optimizer, self.lr, self.betas, self.eps, self.eps_root, self.weight_decay)
+    def spec(self, no_decay: frozenset[str] = frozenset()) -> OptimizerSpec:
+        """The optimizer; `no_decay` names the weights without decay (read with `no_decay: true` only)."""
+        exempt = no_decay if self.no_decay else frozenset()
+        return OptimizerSpec(self.optimizer, self.lr, self.betas, self.eps, self.eps_root, self.weight_decay, exempt)
 
     def record(self) -> dict[str, Any]:
         """The settings as results.json and cache keys hold them (JSON types; S by its sha256 only)."""
@@ -174,11 +180,13 @@ def adapted(model: torch.nn.Module, builder: PromptBuilder, demos: Sequence[Exam
         pattern = re.compile(cfg.trainable)
         params = {n: p for n, p in params.items() if pattern.search(n)}
     original = {n: p.detach().clone() for n, p in params.items()}
-    spec = cfg.spec()
+    spec = cfg.spec(flm.no_decay_names() if cfg.no_decay else frozenset())
     device = flm.device
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.precision == "bf16" else contextlib.nullcontext()
     with autocast:  # the inner loop of meta-training (raymeta.core.inner), first order
-        theta, _, _ = adapt(flm, dict(params), batch, spec, cfg.start(params), cfg.steps, second_order=False)
+        theta, *_ = adapt(
+            flm, dict(params), batch, spec, cfg.start(params), cfg.steps, second_order=False, grad_clip=cfg.grad_clip
+        )
     try:
         with torch.no_grad():
             for n, p in params.items():

@@ -172,7 +172,9 @@ def check_resume_config(saved: dict[str, Any], wanted: dict[str, Any], allow_cha
     if not saved:
         return  # a checkpoint from before configs were recorded: nothing to compare
     old, new = flatten(with_absolute_paths(saved)), flatten(with_absolute_paths(wanted))  # distributed runs record absolute ones
-    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    # a key newer than the checkpoint (inner.grad_clip, outer.schedule, ...) counts as its default there
+    defaults = flatten(to_dict(TrainConfig()))
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k, defaults.get(k)) != new.get(k))
     refused = [k for k in changed if k != "out" and k not in RUN_CONTROL and not (allow_changes and k in PLACEMENT)]
     if not refused:
         return

@@ -96,6 +96,7 @@ def _run_task(
         "support_loss": r.support_loss,
         "query_loss": r.query_loss,
         "n_tokens": r.n_tokens,
+        "support_grad_norm": r.support_grad_norm,
     }
 
 
@@ -142,8 +143,9 @@ class RayExecutor:
             out = ray.get(refs[i])
             refs[i] = None
             inner = _state(out["m"], out["v"], out["step"], device)
-            acc.add(TaskResult(_on(out["grads"], device), inner, out["support_loss"], out["query_loss"], out["n_tokens"]))
-            del out, inner
+            grads = _on(out["grads"], device)
+            acc.add(TaskResult(grads, inner, out["support_loss"], out["query_loss"], out["n_tokens"], out["support_grad_norm"]))
+            del out, inner, grads
         return acc
 
 

@@ -60,15 +60,16 @@ def all_reduce(acc: Accumulator, learner: MetaLearner) -> Accumulator:
         [torch.cat([p.get(n, torch.zeros_like(params[n])).detach().reshape(-1).to(dtype) for n in names]) for p in parts]
     )
     scalars = torch.tensor(  # on the buffer's device: NCCL all-reduces device tensors only
-        [acc.n, acc.support_loss, acc.query_loss, acc.n_tokens, 0.0 if acc.finite else 1.0],
+        [acc.n, acc.support_loss, acc.query_loss, acc.support_grad_norm, acc.n_tokens, 0.0 if acc.finite else 1.0],
         dtype=torch.float64,
         device=flat.device,
     )
     dist.all_reduce(flat)
     dist.all_reduce(scalars)
-    tasks, support, query, tokens, non_finite = host_values(scalars)
+    tasks, support, query, support_norm, tokens, non_finite = host_values(scalars)
     out = Accumulator()
     out.n, out.support_loss, out.query_loss, out.n_tokens, out.finite = int(tasks), support, query, int(tokens), non_finite == 0
+    out.support_grad_norm = support_norm
     at = 0
     for target in [out.grads, out.m, out.v][: len(parts)]:
         for n in names:

@@ -220,11 +220,12 @@ class MetaTrainer:
         self.tokenizer = load_tokenizer(model_spec, root)
         resume = restored.folder if restored is not None else None
         self.model = load_trainable(run.model, cfg.weights, resume=resume, seed=run.seed, device=self.backend.device, root=root)
-        self.learner = MetaLearner(self.model, cfg.meta)
+        self.learner = MetaLearner(self.model, cfg.meta, total_steps=run.steps)
         self.start = 0
         if restored is not None:
             state = restored.state
             self.start, self.final = state["step"], restored.location
+            self.learner.updates = state["step"]  # the outer schedule resumes where it was
             self.sampler.load_state(state["sampler"], restored.location)
             self.learner.skipped = state["skipped"]
             if self.learner.state is not None:
@@ -252,7 +253,10 @@ class MetaTrainer:
             "meta_loss": m.query_loss,  # the meta-objective: the mean query loss after adaptation
             "support_loss": m.support_loss,
             "query_loss": m.query_loss,
-            "grad_norm": m.grad_norm,
+            "grad_norm": m.grad_norm,  # the meta-gradient's, before grad_clip
+            "support_grad_norm": m.support_grad_norm,  # the first support gradient's (mean over tasks), before inner.grad_clip
+            **({"meta_share": m.meta_share} if m.meta_share is not None else {}),
+            "outer_lr": m.outer_lr,
             "skipped_steps": self.learner.skipped,
             "tokens": m.n_tokens,
             "seconds": seconds,

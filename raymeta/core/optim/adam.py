@@ -35,9 +35,11 @@ def adam_step(
     decay = 1 - spec.lr * spec.weight_decay if spec.name == "adamw" and spec.weight_decay else 1.0
     l2 = spec.weight_decay if spec.name == "adam" else 0.0
     consts = _AdamConsts(spec.lr, b1, b2, bc1, bc2, spec.eps, spec.eps_root, decay, l2)
+    exempt = _AdamConsts(spec.lr, b1, b2, bc1, bc2, spec.eps, spec.eps_root, 1.0, 0.0)  # spec.no_decay's weights
     new_p, new_m, new_v = {}, {}, {}
     for n, p in params.items():
-        new_p[n], new_m[n], new_v[n] = _AdamStep.apply(p, grads[n], state.m[n], state.v[n], consts)
+        c = exempt if n in spec.no_decay else consts
+        new_p[n], new_m[n], new_v[n] = _AdamStep.apply(p, grads[n], state.m[n], state.v[n], c)
     return new_p, AdamState(new_m, new_v, step)
 
 

@@ -24,7 +24,8 @@ def reference_step(
     if spec.name == "sgd":
         new = {}
         for n, p in params.items():
-            g = grads[n] if spec.weight_decay == 0 else grads[n] + spec.weight_decay * p
+            wd = spec.decay_of(n)
+            g = grads[n] if wd == 0 else grads[n] + wd * p
             new[n] = p - spec.lr * g
         return new, state
     if state is None:
@@ -34,10 +35,11 @@ def reference_step(
     new_p, new_m, new_v = {}, {}, {}
     for n, p in params.items():
         g = grads[n]
-        if spec.name == "adam" and spec.weight_decay:
-            g = g + spec.weight_decay * p
-        if spec.name == "adamw" and spec.weight_decay:
-            p = p * (1 - spec.lr * spec.weight_decay)
+        wd = spec.decay_of(n)
+        if spec.name == "adam" and wd:
+            g = g + wd * p
+        if spec.name == "adamw" and wd:
+            p = p * (1 - spec.lr * wd)
         m = b1 * state.m[n] + (1 - b1) * g
         v = b2 * state.v[n] + (1 - b2) * g * g
         new_p[n] = p - spec.lr / (1 - b1**t) * m / (torch.sqrt(v / (1 - b2**t) + spec.eps_root) + spec.eps)

@@ -21,6 +21,10 @@ class OptimizerSpec:
     eps: float = 1e-8
     eps_root: float = 1e-16
     weight_decay: float = 0.0
+    no_decay: frozenset[str] = frozenset()  # weights stepped without weight decay (norms, biases, embeddings)
+
+    def decay_of(self, name: str) -> float:
+        return 0.0 if name in self.no_decay else self.weight_decay
 
     @property
     def has_moments(self) -> bool:
