@@ -178,7 +178,8 @@ CASES: dict[str, tuple[Case, str]] = {
     "keep_checkpoints -1": (_train("keep_checkpoints: -1\n"), "keep_checkpoints: expected a number >= 0, got -1"),
     "unknown key lists the known ones": (
         _train("inner:\n  momentum: 0.9\n"),
-        "unknown key 'inner.momentum' (known: inner.lr, inner.optimizer, inner.steps)",
+        "unknown key 'inner.momentum' (known: inner.betas, inner.eps, inner.grad_clip, inner.lr, inner.optimizer, inner.steps, "
+        "inner.weight_decay)",
     ),
     "tasks_per_step a word": (_train("tasks_per_step: two\n"), "tasks_per_step: expected an integer, got 'two'"),
     "activation_checkpointing 1": (
