@@ -12,6 +12,7 @@ with FOMAML − MetaICL as the scale of a first-order change, from fresh moments
 after a few shared-moment outer steps.
 
     python -m bench.second_order [--tasks 2] [--warm-steps 5] [--out bench/results/second_order.json]
+    python -m bench.second_order geometry [--tasks 6] [--warm-steps 20]   # the geometry study (so_geometry.py)
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -38,6 +40,11 @@ def _distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[st
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["geometry"]:  # the geometry study (#49 item 6): bench/so_geometry.py
+        from bench import so_geometry
+
+        return so_geometry.main(argv[1:])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="builtin")
     ap.add_argument("--data", default=None, help="data folder (default: the built-in one)")

@@ -62,7 +62,9 @@ def host_reads_on_meta(monkeypatch):
     packed = masking_utils.find_packed_sequence_indices
     monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", lambda pos: None if pos.is_meta else packed(pos))
     monkeypatch.setattr(meta, "all_finite", lambda ts: True)
-    monkeypatch.setattr(distributed, "host_values", lambda t: [1.0] * t.numel() if t.is_meta else t.tolist())
+    values = lambda t: [1.0] * t.numel() if t.is_meta else t.tolist()  # noqa: E731
+    monkeypatch.setattr(distributed, "host_values", values)
+    monkeypatch.setattr(meta, "host_values", values)
 
 
 def _tasks() -> list[TaskBatch]:
