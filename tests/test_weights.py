@@ -190,6 +190,11 @@ def test_lora_run_validates_and_its_checkpoint_adapts_its_adapters(tmp_path, gpt
     for merge in (False, True):  # adaptation adapts the adapters, or every weight once merged
         out = evaluate(str(final), data=data, setting="toy", config=cfg, cache=False, merge=merge)
         assert "direct/icl+adapt1" in out["runs"]
+    # as trained: the adapters, from the run's outer state S (whose names are the adapter tensors')
+    out = evaluate(
+        str(final), data=data, setting="toy", k=4, seeds=(100,), variants=("direct",), modes=("icl",), adapt="as-trained"
+    )
+    assert "direct/icl+as-trained1" in out["runs"] and out["config"]["adapt"]["moment_policy"] == "shared"
 
 
 def test_a_trainable_head_under_peft_is_the_one_the_loss_uses():
