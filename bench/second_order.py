@@ -39,6 +39,26 @@ def _distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[st
     return {"rel_l2": diff / na, "cosine": dot / (na * nb), "norm_a": na, "norm_b": nb}
 
 
+def campaign_overrides(model: str, setting: str, tasks: int, data: str | None, seed: int | None = None) -> list[str]:
+    """The config of the paper campaign's CPU sizes that both second-order studies measure in."""
+    return [
+        f"model={model}",
+        f"setting={setting}",
+        "k=4",
+        f"tasks_per_step={tasks}",
+        "max_length=256",
+        "max_length_per_example=64",
+        "moment_policy=shared",
+        "inner.optimizer=adamw",
+        "outer.optimizer=adamw",
+        "inner.lr=3e-5",
+        "outer.lr=3e-5",
+        "validation.tasks=0",
+        *([f"seed={seed}"] if seed is not None else []),
+        *([f"data={data}"] if data else []),
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["geometry"]:  # the geometry study (#49 item 6): bench/so_geometry.py
@@ -61,20 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     from raymeta.model.load import load_tokenizer, load_trainable
     from raymeta.run.trainer import build_sampler, tokenize
 
-    overrides = [
-        f"model={args.model}",
-        f"setting={args.setting}",
-        "k=4",
-        f"tasks_per_step={args.tasks}",
-        "max_length=256",
-        "max_length_per_example=64",
-        "moment_policy=shared",
-        "inner.optimizer=adamw",
-        "outer.optimizer=adamw",
-        "inner.lr=3e-5",
-        "outer.lr=3e-5",
-        "validation.tasks=0",
-    ] + ([f"data={args.data}"] if args.data else [])
+    overrides = campaign_overrides(args.model, args.setting, args.tasks, args.data)
     cfg = load_config(None, overrides)
     model = load_trainable(args.model, cfg.weights)
     learner = MetaLearner(model, dataclasses.replace(cfg.meta, method="maml_en_llm"))  # math attention: double backward

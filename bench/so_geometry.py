@@ -104,6 +104,7 @@ def read_cells(out: Path) -> list[dict[str, Any]]:
 def run(args: argparse.Namespace) -> int:
     from safetensors.torch import load_file, save_file
 
+    from bench.second_order import campaign_overrides
     from raymeta.config import load_config
     from raymeta.core.inner import adapt, inner_start
     from raymeta.core.meta import MetaLearner, meta_share, task_meta_gradient
@@ -113,21 +114,7 @@ def run(args: argparse.Namespace) -> int:
     from raymeta.run.trainer import build_sampler, tokenize
 
     def overrides(seed: int) -> list[str]:
-        return [
-            f"model={args.model}",
-            f"setting={args.setting}",
-            "k=4",
-            f"tasks_per_step={args.tasks}",
-            "max_length=256",
-            "max_length_per_example=64",
-            "moment_policy=shared",
-            "inner.optimizer=adamw",
-            "outer.optimizer=adamw",
-            "inner.lr=3e-5",
-            "outer.lr=3e-5",
-            "validation.tasks=0",
-            f"seed={seed}",
-        ] + ([f"data={args.data}"] if args.data else [])
+        return campaign_overrides(args.model, args.setting, args.tasks, args.data, seed)
 
     cfg = load_config(None, overrides(1000))
     model = load_trainable(args.model, cfg.weights)
@@ -222,8 +209,8 @@ def run(args: argparse.Namespace) -> int:
         spec = dataclasses.replace(cfg.meta, eps=c["eps"]).outer_spec()
         b1, b2 = spec.betas
         out = {}
+        norm = _norm(g2)
         for label, clip, merged in (("shared_clip1", 1.0, True), ("shared_clip0", 0.0, True), ("init_clip0", 0.0, False)):
-            norm = _norm(g2)
             g = {n: x * (clip / norm) for n, x in g2.items()} if clip and norm > clip else g2
             m0, v0, step = (m_bar, v_bar, S.step + c["K"]) if merged else (S.m, S.v, S.step)
             new = AdamState(

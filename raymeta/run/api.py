@@ -290,7 +290,12 @@ def adaptation_as_trained(checkpoint: str | Path, *, steps: int | None = None, r
         record = json.loads((ckpt / MANIFEST).read_text())["files"] if (ckpt / MANIFEST).is_file() else {}
         state_file = str(path.resolve())
         state_sha = record["optimizer.safetensors"][1] if "optimizer.safetensors" in record else sha256_file(path)
-    adapt = AdaptConfig.as_trained(
-        meta, steps=steps, state_file=state_file, state_sha256=state_sha, checkpoint=str(ckpt), trainable=cfg.weights.trainable
+    return AdaptConfig.as_trained(
+        meta,
+        steps=steps,
+        state_file=state_file,
+        state_step=int(state.get("optimizer_step", 0)),
+        state_sha256=state_sha,
+        checkpoint=str(ckpt),
+        trainable=cfg.weights.trainable,
     )
-    return replace(adapt, state_step=int(state.get("optimizer_step", 0))) if state_file else adapt
