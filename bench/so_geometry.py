@@ -87,6 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lrs", default=",".join(f"{x:g}" for x in LRS), help="the Adam inner lrs of the grid")
     ap.add_argument("--max-cells", type=int, default=None, help="stop after N new cells (the rest on the next run)")
     ap.add_argument("--only", default=None, help="run only cells whose key contains this (e.g. 'K1/')")
+    ap.add_argument(
+        "--activation-checkpointing",
+        action="store_true",
+        help="exact activation checkpointing (raymeta.core.checkpointing): the same numbers to rounding, less memory at larger K",
+    )
     ap.add_argument("--table", action="store_true", help="print the markdown table of OUT/cells.jsonl and exit")
     ap.add_argument("--out", type=Path, default=Path("bench/results/second_order_geometry"))
     args = ap.parse_args(argv)
@@ -118,7 +123,9 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = load_config(None, overrides(1000))
     model = load_trainable(args.model, cfg.weights)
-    learner = MetaLearner(model, dataclasses.replace(cfg.meta, method="maml_en_llm"))  # math attention: double backward
+    # math attention: double backward; checkpointing (exact) is fixed here, in the FunctionalLM every cell uses
+    ckpt = args.activation_checkpointing
+    learner = MetaLearner(model, dataclasses.replace(cfg.meta, method="maml_en_llm", activation_checkpointing=ckpt))
     learner.state = None  # two model-sized buffers: made for the warm-up only
     flm = learner.flm
     params = flm.params()
@@ -335,6 +342,7 @@ def run(args: argparse.Namespace) -> int:
                 "step_length": args.step_length,
             },
             "tasks": args.tasks,
+            "activation_checkpointing": ckpt,
         }
         row["seconds"] = round(time.time() - began, 1)
         with (args.out / "cells.jsonl").open("a") as f:

@@ -162,14 +162,19 @@ def test_too_few_cpus_for_workers_and_tasks_is_refused(ray_local, tiny_folder):
         train(_cfg(tiny_folder, "greedy", "num_workers=2", "cpus_per_worker=1", "executor=ray"), progress=False)
 
 
-def test_lora_tasks_ship_adapters_only_and_give_the_local_meta_gradient(ray_local, tiny_folder, one_thread):
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_lora_tasks_ship_adapters_only_and_give_the_local_meta_gradient(ray_local, tiny_folder, one_thread, checkpointed):
+    # checkpointed: the Ray tasks run with activation checkpointing (layer-wise inner backward), the local
+    # reference without it
     from raymeta.model.load import load_trainable
 
-    cfg = load_config(None, ["method=maml_en_llm", "moment_policy=shared", "adapter.type=lora", "adapter.r=2"])
+    args = ["method=maml_en_llm", "moment_policy=shared", "adapter.type=lora", "adapter.r=2"]
+    cfg = load_config(None, args)
     model = load_trainable(str(tiny_folder / "model"), cfg.weights)
     learner = MetaLearner(model, cfg.meta)
     local = LocalExecutor().accumulate(learner, _tasks())
-    ray_acc = RayExecutor(str(tiny_folder / "model"), cfg).accumulate(learner, _tasks())
+    ray_cfg = load_config(None, [*args, "activation_checkpointing=true"]) if checkpointed else cfg
+    ray_acc = RayExecutor(str(tiny_folder / "model"), ray_cfg).accumulate(learner, _tasks())
     assert set(ray_acc.grads) == set(learner.flm.params()) and all(".lora_" in n for n in ray_acc.grads)
     for name in local.grads:
         torch.testing.assert_close(ray_acc.grads[name], local.grads[name], rtol=0, atol=1e-6)

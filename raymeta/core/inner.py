@@ -59,8 +59,7 @@ def adapt(
     if not second_order:
         theta = {n: t.detach().requires_grad_() for n, t in theta.items()}
     for k in range(steps):
-        loss = flm.loss(theta, batch)
-        grads = list(torch.autograd.grad(loss, [theta[n] for n in names], create_graph=second_order))
+        loss, grads = flm.loss_and_grads(theta, batch, create_graph=second_order)
         if k == 0:
             first_loss = loss.detach()
             with torch.no_grad():

@@ -21,7 +21,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from raymeta.errors import UserError
 
-__all__ = ["Batch", "FunctionalLM", "enable_activation_checkpointing", "hf_model", "sequence_losses", "span_positions"]
+__all__ = ["Batch", "FunctionalLM", "hf_model", "sequence_losses", "span_positions"]
 
 Tensors = dict[str, torch.Tensor]
 
@@ -83,7 +83,7 @@ class FunctionalLM:
     (`model.layers.0.self_attn.q_proj.lora_A.default.weight`).
     """
 
-    def __init__(self, model: torch.nn.Module, *, math_attention: bool = True) -> None:
+    def __init__(self, model: torch.nn.Module, *, math_attention: bool = True, checkpointing: int = 0) -> None:
         hf: Any = hf_model(model)
         self.model: torch.nn.Module = hf
         self.base: torch.nn.Module = hf.base_model
@@ -98,6 +98,12 @@ class FunctionalLM:
         self.head_bias = head.bias
         self.names = [n for n, p in named.items() if p.requires_grad]
         self.math_attention = math_attention
+        # `checkpointing` n > 0: exact activation checkpointing, n decoder layers per checkpoint
+        self.checkpointing: Any = None
+        if checkpointing:
+            from raymeta.core.checkpointing import LayerCheckpointing
+
+            self.checkpointing = LayerCheckpointing(hf, self.names, checkpointing, self.attention)
 
     def no_decay_names(self) -> frozenset[str]:
         """The trainable weights that `no_decay: true` exempts from weight decay: biases, and the weights
@@ -127,12 +133,28 @@ class FunctionalLM:
             yield
 
     def loss(self, params: Tensors, batch: Batch) -> torch.Tensor:
-        base_params = {n[len(self.prefix) :]: t for n, t in params.items() if n.startswith(self.prefix)}
+        if self.checkpointing is None:
+            return self._loss(params, batch, None)
+        with self.checkpointing.running(params, record=False):  # checkpointed forwards, exact
+            return self._loss(params, batch, None)
+
+    def _loss(self, params: Tensors, batch: Batch, aliases: dict[str, list[torch.Tensor]] | None) -> torch.Tensor:
+        """The loss; with `aliases` (checkpointed second order) every trainable weight outside the decoder
+        layers enters as a fresh view of itself, listed there (the head apart from a tied embedding)."""
+
+        def use(name: str, t: torch.Tensor) -> torch.Tensor:
+            if aliases is None or name not in self.checkpointing.outside:
+                return t
+            view = t.view_as(t)
+            aliases.setdefault(name, []).append(view)
+            return view
+
+        base_params = {n[len(self.prefix) :]: use(n, t) for n, t in params.items() if n.startswith(self.prefix)}
         ids = batch.ids.to(self.device)
         with self.attention():
             hidden = functional_call(self.base, base_params, (ids,), {"use_cache": False}).last_hidden_state
         rows, cols = span_positions(batch.spans, ids.device)
-        weight = params.get(self.head_name, self.head_weight)  # frozen: the module's own
+        weight = use(self.head_name, params[self.head_name]) if self.head_name in params else self.head_weight
         losses = sequence_losses(
             hidden[rows, cols - 1],
             ids[rows, cols],
@@ -140,6 +162,24 @@ class FunctionalLM:
             lambda h: F.linear(h, weight, self.head_bias),
         )
         return losses.sum() / len(batch.spans)
+
+    def loss_and_grads(self, params: Tensors, batch: Batch, *, create_graph: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The loss and its gradient with respect to `params` (in their order); with `create_graph` the
+        gradient is differentiable (second order). Under activation checkpointing the layers are
+        recomputed from the weights they ran with, and second order takes the layer-wise checkpointed
+        inner backward (raymeta.core.checkpointing)."""
+        names = list(params)
+        ckpt = self.checkpointing
+        if ckpt is None:
+            loss = self.loss(params, batch)
+            return loss, list(torch.autograd.grad(loss, [params[n] for n in names], create_graph=create_graph))
+        with ckpt.running(params, record=create_graph) as tape:
+            aliases: dict[str, list[torch.Tensor]] | None = {} if create_graph else None
+            loss = self._loss(params, batch, aliases)
+        if not create_graph:  # first order: plain autograd through the checkpointed forwards
+            return loss, list(torch.autograd.grad(loss, [params[n] for n in names]))
+        assert aliases is not None
+        return loss, ckpt.grads(loss, tape, aliases, names)
 
     def check_double_backward(self) -> None:
         """Fail clearly at start-up when the attention implementation cannot do second order."""
@@ -158,22 +198,3 @@ class FunctionalLM:
                 "attn_implementation='eager' or use SDPA's math backend",
                 key="model",
             ) from None
-
-
-def enable_activation_checkpointing(model: torch.nn.Module) -> None:
-    """Non-reentrant checkpointing of each decoder layer (Hugging Face's), exact for `metaicl` only.
-
-    Only the layers themselves are put in training mode (HF checkpoints a layer when it is training);
-    their children stay in eval mode, so no dropout is switched on.
-    """
-    from transformers.modeling_layers import GradientCheckpointingLayer  # deferred: core needs transformers only here
-
-    hf: Any = model
-    if not getattr(hf, "supports_gradient_checkpointing", False):
-        raise UserError(f"{type(model).__name__} does not support gradient checkpointing", key="activation_checkpointing")
-    hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-    if not layers:
-        raise UserError(f"no checkpointable layers found in {type(model).__name__}", key="activation_checkpointing")
-    for layer in layers:
-        layer.training = True

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from raymeta.core.inner import adapt, inner_start
-from raymeta.core.lm import Batch, FunctionalLM, enable_activation_checkpointing
+from raymeta.core.lm import Batch, FunctionalLM
 from raymeta.core.optim import AdamState, OptimizerSpec, detached, optimizer_step, zeros_state
 from raymeta.core.settings import (
     MAX_LR,
@@ -264,13 +264,11 @@ class MetaLearner:
         self.total_steps = total_steps
         self.updates = 0  # meta-steps taken (skipped ones included): where the outer schedule is
         # SDPA's math backend only where double backward is needed; elsewhere the default (faster) kernels
-        self.flm = FunctionalLM(model, math_attention=cfg.method == "maml_en_llm")
+        self.flm = FunctionalLM(model, math_attention=cfg.method == "maml_en_llm", checkpointing=cfg.checkpoint_group)
         if not self.flm.names:
             raise UserError("no parameter of the model requires grad: nothing to meta-train", key="trainable")
         if cfg.method == "maml_en_llm":
             self.flm.check_double_backward()
-        if cfg.activation_checkpointing:
-            enable_activation_checkpointing(model)
         params = self.flm.params()
         self.no_decay = self.flm.no_decay_names() if cfg.no_decay else frozenset()
         self.state: AdamState | None = (

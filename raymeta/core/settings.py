@@ -92,6 +92,7 @@ class MetaConfig:
     moment_policy: str = "shared"
     precision: str = "fp32"
     activation_checkpointing: bool = False
+    activation_checkpointing_every: int = 1  # decoder layers per checkpoint (more: less memory, more recompute)
 
     def validate(self, where: str = "config") -> MetaConfig:
         def bad(key: str, expected: str, got: Any) -> UserError:
@@ -129,13 +130,8 @@ class MetaConfig:
         for key, betas in (("betas", self.betas), ("inner.betas", self.inner.betas), ("outer.betas", self.outer.betas)):
             if betas is not None and (len(betas) != 2 or not all(0 <= b < 1 for b in betas)):
                 raise bad(key, "two numbers in [0, 1)", list(betas))
-        if self.activation_checkpointing and self.method != "metaicl":
-            raise bad(
-                "activation_checkpointing",
-                "false for method " + self.method + " (recomputed activations would not see the adapted weights, which "
-                "silently corrupts meta-gradients; it is exact, and allowed, for metaicl)",
-                True,
-            )
+        if self.activation_checkpointing_every < 1:
+            raise bad("activation_checkpointing_every", "an integer >= 1", self.activation_checkpointing_every)
         if self.moment_policy != "none" and self.method in ("maml_en_llm", "fomaml", "reptile"):
             if not (self.inner_spec().has_moments and self.outer_spec().has_moments):
                 raise bad(
@@ -145,6 +141,11 @@ class MetaConfig:
                     self.moment_policy,
                 )
         return self
+
+    @property
+    def checkpoint_group(self) -> int:
+        """Decoder layers per activation checkpoint; 0 without checkpointing (FunctionalLM's `checkpointing`)."""
+        return self.activation_checkpointing_every if self.activation_checkpointing else 0
 
     @property
     def shares_moments(self) -> bool:

@@ -78,11 +78,12 @@ def _run_task(
     torch.set_num_threads(max(1, math.ceil(cpus - 1e-9)))
     # the task's GPU when it holds one (Ray sets CUDA_VISIBLE_DEVICES to it), else the CPU
     device = torch.device("cuda") if ray.get_gpu_ids() else torch.device("cpu")
-    key = f"{model_dir}@{device}@{weights}@{cfg.method == 'maml_en_llm'}"
+    key = f"{model_dir}@{device}@{weights}@{cfg.method == 'maml_en_llm'}@{cfg.checkpoint_group}"
     if key not in _MODELS:
         _MODELS.clear()  # the newest only: a worker process outlives runs and restarts (each a new folder)
         model = prepare(load_model(model_dir, device=device), weights)  # trainable values come with the task
-        _MODELS[key] = (model, FunctionalLM(model, math_attention=cfg.method == "maml_en_llm"))
+        flm = FunctionalLM(model, math_attention=cfg.method == "maml_en_llm", checkpointing=cfg.checkpoint_group)
+        _MODELS[key] = (model, flm)
     _, flm = _MODELS[key]
     theta = {n: t.requires_grad_() for n, t in _on(params, device).items()}
     outer = _state(state["m"], state["v"], state["step"], device) if state is not None else None
