@@ -176,15 +176,15 @@ class LayerCheckpointing:
         bottom = [(n, a) for (n, a), b in zip(alias_list, below) if b]
         total: dict[str, torch.Tensor] = {}
 
-        def add(pairs: Sequence[tuple[str, torch.Tensor]], got: Sequence[torch.Tensor | None]) -> None:
-            for (n, _), g in zip(pairs, got):
+        def add(names_: Sequence[str], got: Sequence[torch.Tensor | None]) -> None:
+            for n, g in zip(names_, got):
                 if g is not None:
                     total[n] = total[n] + g if n in total else g
 
         wrt = [top_out] + [a for _, a in top]
         got = torch.autograd.grad(loss, wrt, create_graph=True, allow_unused=True)
         dh = got[0] if got[0] is not None else torch.zeros_like(top_out)
-        add(top, got[1:])
+        add([n for n, _ in top], got[1:])
         autocast = _autocast_state(top_out.device.type)
         for group in reversed(groups):
             gnames = [n for c in group for n in self.layer_names[c.index]]
@@ -194,10 +194,10 @@ class LayerCheckpointing:
                 break
             out = _GroupVJP.apply(self, group, autocast, h.requires_grad, h, dh, *weights)
             dh = out[0]
-            add([(n, weights[0]) for n in gnames], out[1:])
+            add(gnames, out[1:])
         h0 = groups[0][0].h
         if bottom and h0.requires_grad:
-            add(bottom, torch.autograd.grad(h0, [a for _, a in bottom], dh, create_graph=True, allow_unused=True))
+            add([n for n, _ in bottom], torch.autograd.grad(h0, [a for _, a in bottom], dh, create_graph=True, allow_unused=True))
         return [total[n] if n in total else torch.zeros_like(tape.theta[n]) for n in names]
 
 
